@@ -1,0 +1,92 @@
+"""The `slmops` executable: one thin module per command, each building options for the API.
+
+Errors the user can fix (`UsageError`) print one line and exit 2; `--log_level 0` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Callable
+
+from slmops.errors import UsageError
+
+LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (plus the hint to --help) and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    low = value.lower()
+    if low in ("1", "true", "yes", "y", "on"):
+        return True
+    if low in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log_level", type=int, default=1, choices=sorted(LOG_LEVELS),
+                        help="0 debug (with tracebacks), 1 info (default), 2 warning, 3 error, 4 critical")
+
+
+def setup_logging(level: int) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
+    logging.getLogger("slmops").setLevel(LOG_LEVELS[level])
+    if level > 0:
+        import datasets
+        import transformers
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from slmops.cli import finetune, generate, models
+
+    parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for module in (finetune, generate, models):
+        # Importing TrainingArguments costs seconds; only `finetune` needs its flags.
+        handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return handlers[args.command](args)
+    except Exception as err:
+        if args.log_level == 0:
+            raise
+        message = _user_message(err)
+        if message is None:
+            raise
+        print(f"slmops {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slmops {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_message(err: Exception) -> str | None:
+    """The one-line message for failures a user can act on; None means a bug (keep the traceback)."""
+    import torch
+
+    if isinstance(err, UsageError):
+        return str(err)
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return ("out of memory; lower --per_device_train_batch_size or --max_seq_len, or add "
+                "--gradient_checkpointing true")
+    return None

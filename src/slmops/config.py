@@ -1,0 +1,105 @@
+"""The fine-tuning options as one validated object.
+
+The CLI and the Python API both build a `FinetuneConfig`; nothing downstream reads argv.
+Our own options are fields; every Hugging Face `TrainingArguments` option travels in
+`training_args` unchanged, as Olive passes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from slmops.errors import UsageError
+
+Method = Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "full"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # model
+    model_name_or_path: str
+    trust_remote_code: bool = False
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # data
+    data_name: str | None = None
+    data_files: list[str] | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    eval_fraction: float = 0.1
+    text_template: str | None = None
+    text_field: str | None = None
+    use_chat_template: bool = False
+    max_seq_len: int = 1024
+    max_samples: int | None = None
+    train_on_prompt: bool = False
+    add_eos: bool = True
+    # method
+    method: Method = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    # run
+    output_path: str
+    task_name: str | None = None
+    overwrite: bool = False
+    merge: bool = False
+    seed: int = 42
+    early_stopping_patience: int | None = None
+    resume_from_checkpoint: str | None = None
+    logging_dir: str | None = None
+    training_args: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> FinetuneConfig:
+        problems = []
+        sources = [n for n, v in (("--text_template", self.text_template), ("--text_field", self.text_field))
+                   if v]
+        if len(sources) > 1:
+            problems.append("--text_template and --text_field are exclusive: give one of them")
+        if self.use_chat_template and self.text_template:
+            problems.append("--use_chat_template renders message lists; drop --text_template "
+                            "(name the messages column with --text_field)")
+        if not (self.text_template or self.text_field or self.use_chat_template):
+            problems.append("say how to turn a row into text: --text_template, --text_field or "
+                            "--use_chat_template")
+        if self.method == "full" and self.merge:
+            problems.append("--merge has nothing to merge with --method full (it writes model/ already)")
+        for name in ("lora_r", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            problems.append(f"--max_samples must be a positive integer, got {self.max_samples}")
+        if not 0 < self.eval_fraction < 1:
+            problems.append(f"--eval_fraction must lie between 0 and 1, got {self.eval_fraction}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def build(cls, **options: Any) -> FinetuneConfig:
+        """Validate options, turning pydantic's report into one actionable line."""
+        try:
+            return cls(**options)
+        except ValidationError as err:
+            raise UsageError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown option"
+        elif e["type"] == "literal_error":
+            msg = f"got {e['input']!r}; {msg[0].lower()}{msg[1:]}"
+        parts.append(f"--{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -1,0 +1,190 @@
+"""`slmops finetune`: options -> data -> model with adapter -> Trainer -> published output folder.
+
+The run works in `<output_path>.partial/` and renames it into place only when complete, so
+an output folder is either whole or absent; an interrupted run keeps its checkpoints there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from slmops.config import FinetuneConfig
+from slmops.data import prepare_data
+from slmops.data.collate import PadCollator
+from slmops.errors import UsageError
+from slmops.manifest import peak_memory_mb, write_manifest
+from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
+from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
+from slmops.training.args import autocast_dtype, build_training_args, on_gpu
+from slmops.training.callbacks import GracefulStop, MetricsLog, Progress
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+
+def finetune(callbacks: Sequence[TrainerCallback] = (), **options: Any) -> Path:
+    """Fine-tune a model; takes the CLI's options as keywords and returns the output folder.
+
+    Options that are not slmops's own go to Hugging Face TrainingArguments, e.g.
+    `finetune(model_name_or_path=..., data_name=..., text_template=..., output_path=...,
+    max_steps=100, learning_rate=1e-4)`.
+    """
+    own = set(FinetuneConfig.model_fields)
+    training_args = {k: options.pop(k) for k in list(options) if k not in own}
+    training_args.update(options.pop("training_args", {}))
+    return run(FinetuneConfig.build(training_args=training_args, **options), callbacks)
+
+
+def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    started = time.perf_counter()
+    out = Path(cfg.output_path).expanduser()
+    work = out.with_name(out.name + ".partial")
+    resume = _plan_output(cfg, out, work)
+    set_seed(cfg.seed)
+
+    model_path = resolve(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    amp = autocast_dtype(cfg)
+    args = build_training_args(cfg, work / "checkpoints", amp, has_eval=True)
+    model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing)
+
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.logging_dir or work / "logs").resolve()))
+    stop = GracefulStop()
+    extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                      data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      callbacks=[MetricsLog(work / "metrics.jsonl"), Progress(), stop, *extra, *callbacks])
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        raise Interrupted(f"interrupted: checkpoint saved in {get_last_checkpoint(str(work / 'checkpoints'))}; "
+                          f"continue with the same command plus --resume_from_checkpoint auto")
+    eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return out
+    _save(cfg, trainer, tokenizer, model_path, work)
+    results = {
+        "train_loss": result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(result.metrics.get("train_runtime", 0), 1e-9), 2),
+        **peak_memory_mb(),
+    }
+    write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
+        "model_path": model_path, "target_modules": targets, "autocast_dtype": str(amp).removeprefix("torch."),
+        "device": str(args.device), "world_size": args.world_size,
+        "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
+    }, data.stats, results)
+    _publish(work, out)
+    log.info("train loss %.4f, eval loss %.4f, %.0f tokens/s, %.0f s; wrote %s", results["train_loss"],
+             results["eval_loss"] or float("nan"), results["tokens_per_second"], results["wall_time_s"], out)
+    return out
+
+
+def _plan_output(cfg: FinetuneConfig, out: Path, work: Path) -> str | None:
+    """Refuse to clobber results; decide what to resume from. Runs before any heavy work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise UsageError(f"output path {out} already exists; choose another --output_path or add --overwrite")
+    checkpoints = work / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if cfg.resume_from_checkpoint not in (None, "auto"):
+        path = Path(cfg.resume_from_checkpoint).expanduser()
+        if not (path / "trainer_state.json").exists():
+            raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no trainer_state.json); "
+                             f"pass a checkpoint-N folder or 'auto'")
+        return str(path)
+    if cfg.resume_from_checkpoint == "auto":
+        if last is None:
+            log.info("--resume_from_checkpoint auto: no checkpoint in %s, starting from the beginning", checkpoints)
+        return last
+    if last is not None and not cfg.overwrite:
+        raise UsageError(f"an interrupted run left checkpoints in {checkpoints}; add --resume_from_checkpoint "
+                         f"auto to continue it, or --overwrite to start over")
+    if work.exists():
+        shutil.rmtree(work)
+    return None
+
+
+def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpointing: bool):
+    method = METHODS[cfg.method]
+    if method.quantized:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu(cfg) else "cpu"
+        model = load_model(model_path, amp, cfg.trust_remote_code, quantization_config(amp), {"": device})
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))
+        keep_4bit_trainable(model)
+    else:
+        # Adapters train in fp32 on a frozen base; holding that base in the autocast dtype saves
+        # memory and a cast per step. Full fine-tuning keeps fp32 master weights.
+        base_dtype = amp if method.build is not None else torch.float32
+        if cfg.torch_dtype != "auto":
+            base_dtype = getattr(torch, cfg.torch_dtype)
+        model = load_model(model_path, base_dtype, cfg.trust_remote_code)
+    model.config.use_cache = False
+    targets = cfg.target_modules or linear_module_names(model)
+    if method.build is None:
+        return model, []
+    from peft import get_peft_model
+    try:
+        model = get_peft_model(model, method.build(cfg, targets, model))
+    except ValueError as err:
+        raise UsageError(f"--method {cfg.method} with --target_modules {','.join(targets)}: "
+                         f"{str(err).splitlines()[0]}; layers with weights here: "
+                         f"{', '.join(linear_module_names(model))}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("%s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method, ",".join(targets),
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model, targets
+
+
+def _save(cfg: FinetuneConfig, trainer: Trainer, tokenizer: Any, model_path: str, work: Path) -> None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg.method == "full":
+        model.config.use_cache = True
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        return
+    model.save_pretrained(work / "adapter")
+    tokenizer.save_pretrained(work / "adapter")
+    if cfg.merge:
+        # Merge into a full-precision copy of the base: merging into bf16 or 4-bit weights loses precision.
+        from peft import PeftModel
+        base = load_model(model_path, torch.float32, cfg.trust_remote_code)
+        merged = PeftModel.from_pretrained(base, work / "adapter").merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Swap the finished folder into place; an old one (with --overwrite) goes only after."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""`slmops generate`: try a model, with or without its adapter, token by token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import TextStreamer
+
+from slmops.errors import UsageError
+from slmops.models.loading import load_model, load_tokenizer, resolve
+
+
+def adapter_dir(path: str) -> Path:
+    """An adapter folder, or a `slmops finetune` output folder that holds one in adapter/."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "adapter"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise UsageError(f"no adapter_config.json in {path} or {path}/adapter; pass the adapter folder that "
+                     f"`slmops finetune` wrote")
+
+
+class _Stream(TextStreamer):
+    def __init__(self, tokenizer, sink: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.sink = sink
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.sink(text)
+
+
+def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
+             chat: bool = False, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 42, trust_remote_code: bool = False,
+             on_text: Callable[[str], None] | None = None) -> str:
+    """Return the model's continuation of `prompt`; `on_text` receives it piece by piece."""
+    adapter = adapter_dir(adapter_path) if adapter_path else None
+    if model_name_or_path is None:
+        if adapter is None:
+            raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
+        model_name_or_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    path = resolve(model_name_or_path)
+    tokenizer = load_tokenizer(str(adapter or path), trust_remote_code)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = load_model(path, dtype, trust_remote_code, device_map="cuda" if torch.cuda.is_available() else None)
+    if adapter is not None:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UsageError(f"adapter {adapter} does not fit model {model_name_or_path} "
+                             f"({str(err).strip().splitlines()[0][:160]}); pass the base model it was trained on") from None
+    model.eval()
+    if chat:
+        if not tokenizer.chat_template:
+            raise UsageError("--chat: this tokenizer has no chat template; drop --chat")
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    torch.manual_seed(seed)
+    streamer = _Stream(tokenizer, on_text) if on_text else None
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                             streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

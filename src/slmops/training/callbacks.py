@@ -1,0 +1,102 @@
+"""Trainer callbacks: what the Trainer lacks for an unattended CPU run.
+
+A JSONL log that is always written, a progress bar that shows loss and tokens/s, and a
+signal handler that turns Ctrl-C / SIGTERM into a checkpoint instead of lost work.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+class MetricsLog(TrainerCallback):
+    """Append every log event to metrics.jsonl with wall time and non-padding tokens/s."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._start = time.perf_counter()
+        self._last = (self._start, 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        record = {"step": state.global_step, "epoch": state.epoch, "time_s": round(now - self._start, 3), **logs}
+        if "loss" in logs and now > self._last[0]:
+            record["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 2)
+            self._last = (now, tokens)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class Progress(TrainerCallback):
+    """One tqdm bar over optimizer steps; postfix carries the last loss and tokens/s."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self._t0 = 0.0
+        self._tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+            self._t0, self._tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            elapsed = time.perf_counter() - self._t0
+            if elapsed > 0:
+                self.bar.set_postfix_str(self._postfix(state, elapsed), refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _postfix(self, state, elapsed: float) -> str:
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        tok_s = (state.num_input_tokens_seen - self._tokens0) / elapsed
+        return (f"loss {losses[-1]:.4f}, " if losses else "") + f"{tok_s:,.0f} tok/s"
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGINT/SIGTERM: finish the current step, save a checkpoint, stop.
+
+    A second signal falls through to the default handler, so a stuck run can still be killed.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self.uninstall()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
