@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name == "finetune":
-        from slmops.finetune import finetune
+        from slmops.training.finetune import finetune
         return finetune
     if name == "generate":
-        from slmops.generate import generate
+        from slmops.generation import generate
         return generate
     raise AttributeError(f"module 'slmops' has no attribute {name!r}")

@@ -96,7 +96,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.finetune import Interrupted, finetune
+    from slmops.training.finetune import Interrupted, finetune
 
     options = vars(args).copy()
     for key in ("command", "log_level"):

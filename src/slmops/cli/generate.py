@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.generate import generate
+    from slmops.generation import generate
 
     def write(text: str) -> None:
         sys.stdout.write(text)

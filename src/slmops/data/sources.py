@@ -63,8 +63,10 @@ def hold_out(rows: Dataset, fraction: float, seed: int, stratify_values: list | 
         groups = [np.flatnonzero(values == v) for v in np.unique(values)]
     held = []
     for idx in groups:
-        idx = rng.permutation(idx)
-        held.extend(idx[: int(round(len(idx) * fraction))].tolist())
+        take = int(round(len(idx) * fraction))
+        if stratify_values is not None and len(idx) >= 2:
+            take = max(take, 1)  # every class with two or more rows is seen in validation
+        held.extend(rng.permutation(idx)[:take].tolist())
     if not held:
         held = [int(rng.integers(len(rows)))]
     held_set = set(held)

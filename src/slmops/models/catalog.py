@@ -79,7 +79,15 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
     log.info("converting %s to safetensors (once) into %s", gguf, target)
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights are
+    # already dequantised, so move them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=f".{target.name}-"))
     try:
         model.save_pretrained(staging)

@@ -23,6 +23,10 @@ class MetricsLog(TrainerCallback):
         self._start = time.perf_counter()
         self._last = (self._start, 0)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        self._last = (self._start, state.num_input_tokens_seen)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return

@@ -79,7 +79,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     if stop.received is not None:
         raise Interrupted(f"interrupted: checkpoint saved in {get_last_checkpoint(str(work / 'checkpoints'))}; "
                           f"continue with the same command plus --resume_from_checkpoint auto")
-    eval_metrics = trainer.evaluate()
+    eval_metrics = _final_eval(trainer)
     if not trainer.is_world_process_zero():
         return out
     _save(cfg, trainer, tokenizer, model_path, work)
@@ -103,6 +103,15 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     log.info("train loss %.4f, eval loss %.4f, %.0f tokens/s, %.0f s; wrote %s", results["train_loss"],
              results["eval_loss"] or float("nan"), results["tokens_per_second"], results["wall_time_s"], out)
     return out
+
+
+def _final_eval(trainer: Trainer) -> dict:
+    """Validation metrics for the final weights, reusing an evaluation already run at the last step."""
+    last = trainer.state.log_history[-2:] if not trainer.args.load_best_model_at_end else []
+    for entry in last:
+        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
+            return entry
+    return trainer.evaluate()
 
 
 def _plan_output(cfg: FinetuneConfig, out: Path, work: Path) -> str | None:

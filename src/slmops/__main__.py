@@ -1,0 +1,5 @@
+import sys
+
+from slmops.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from conftest import FAMILIES, TEMPLATE, build_model, sentiment_rows, write_jsonl
+from slmops import finetune
+from slmops.errors import UsageError
+from slmops.training.finetune import Interrupted
+
+FAST = dict(per_device_train_batch_size=8, logging_steps=1, learning_rate=5e-3, save_steps=1000, lora_dropout=0.0,
+            report_to="none")
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def run(model, data, out, **kw):
+    return finetune(model_name_or_path=str(model), data_name=str(data), text_template=TEMPLATE,
+                    output_path=str(out), **{**FAST, **kw})
+
+
+@pytest.fixture
+def repeated_batch(tmp_path):
+    """Eight rows, one batch: every step sees the same batch, so the loss must fall."""
+    return write_jsonl(tmp_path / "eight.jsonl", sentiment_rows(8))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "ia3", "full", "qlora"])
+def test_each_method_learns_a_repeated_batch(method, tiny_llama, repeated_batch, tmp_path):
+    lr = {"full": 1e-3, "ia3": 5e-2, "lokr": 3e-2}.get(method, 5e-3)
+    out = run(tiny_llama, repeated_batch, tmp_path / "out", method=method, max_steps=12, learning_rate=lr,
+              eval_split="train[:2]")
+    curve = losses(out)
+    assert len(curve) == 12
+    assert curve[-1] < curve[0] * 0.9, curve
+    written = "model" if method == "full" else "adapter"
+    assert (out / written).is_dir() and not (out.parent / "out.partial").exists()
+    suffix = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert (out / written / suffix).exists()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_families_train_with_default_targets(family, tokenizer_dir, models_root, repeated_batch, tmp_path):
+    model = build_model(tokenizer_dir, models_root, family)
+    out = run(model, repeated_batch, tmp_path / "out", max_steps=8, eval_split="train[:2]")
+    curve = losses(out)
+    assert curve[-1] < curve[0], curve
+    targets = json.loads((out / "manifest.json").read_text())["resolved"]["target_modules"]
+    assert "lm_head" not in targets and len(targets) >= 4
+
+
+def test_qlora_weights_stay_trainable_after_eval(tiny_llama):
+    from slmops.methods import keep_4bit_trainable, quantization_config
+    from slmops.models.loading import load_model
+    model = load_model(str(tiny_llama), torch.float32, quantization_config=quantization_config(torch.float32),
+                       device_map={"": "cpu"})
+    assert keep_4bit_trainable(model) == 14  # 7 linear layers x 2 blocks
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
+def test_output_folder_manifest_and_merge(tiny_llama, sentiment_file, tmp_path):
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=4, merge=True, task_name="tone")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["task_name"] == "tone" and manifest["seed"] == 42
+    assert manifest["data"]["train"]["rows"] + manifest["data"]["eval"]["rows"] == 48
+    assert len(manifest["data"]["fingerprint"]) == 64
+    assert manifest["results"]["eval_loss"] > 0 and manifest["results"]["tokens_per_second"] > 0
+    assert manifest["versions"]["peft"] and manifest["results"]["peak_rss_mb"] > 0
+    # merged model answers exactly like base + adapter
+    from peft import PeftModel
+    tok = AutoTokenizer.from_pretrained(out / "adapter")
+    ids = tok("Review: good film\nTone:", return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, out / "adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(ids).logits
+    assert torch.allclose(adapted, merged, atol=1e-4)
+    assert not torch.allclose(plain, merged, atol=1e-4)
+
+
+def test_same_seed_same_curve_other_seed_differs(tiny_llama, sentiment_file, tmp_path):
+    kw = dict(max_steps=5, lora_dropout=0.1)
+    a = losses(run(tiny_llama, sentiment_file, tmp_path / "a", **kw))
+    b = losses(run(tiny_llama, sentiment_file, tmp_path / "b", **kw))
+    c = losses(run(tiny_llama, sentiment_file, tmp_path / "c", seed=7, **kw))
+    assert a == b
+    assert a != c
+
+
+class SignalAt(TrainerCallback):
+    """Send this process a real SIGTERM after `step` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_signal_checkpoints_and_resume_matches_uninterrupted(tiny_llama, sentiment_file, tmp_path):
+    kw = dict(max_steps=8, lora_dropout=0.1, logging_steps=1)
+    whole = losses(run(tiny_llama, sentiment_file, tmp_path / "whole", **kw))
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted, match="resume_from_checkpoint auto"):
+        run(tiny_llama, sentiment_file, out, callbacks=[SignalAt(3)], **kw)
+    assert not out.exists()
+    assert (tmp_path / "cut.partial" / "checkpoints" / "checkpoint-3").is_dir()
+    with pytest.raises(UsageError, match="interrupted run left checkpoints"):
+        run(tiny_llama, sentiment_file, out, **kw)
+
+    run(tiny_llama, sentiment_file, out, resume_from_checkpoint="auto", **kw)
+    resumed = losses(out)
+    assert resumed[-1] == pytest.approx(whole[-1], rel=1e-5)
+    assert resumed[:3] == pytest.approx(whole[:3], rel=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["results"]["global_step"] == 8
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_llama, sentiment_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="already exists"):
+        run(tiny_llama, sentiment_file, out, max_steps=1)
+    assert (out / "keep.txt").read_text() == "precious"
+    run(tiny_llama, sentiment_file, out, max_steps=1, overwrite=True)
+    assert (out / "adapter").is_dir() and not (out / "keep.txt").exists()
+
+
+def test_training_args_pass_through_and_unknown_rejected(tiny_llama, sentiment_file, tmp_path):
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=2, warmup_steps=1, lr_scheduler_type="cosine",
+              weight_decay=0.01)
+    ta = json.loads((out / "manifest.json").read_text())["resolved"]["training_args"]
+    assert ta["lr_scheduler_type"] == "cosine" and ta["weight_decay"] == 0.01
+    with pytest.raises(UsageError, match="--not_a_flag"):
+        run(tiny_llama, sentiment_file, tmp_path / "x", not_a_flag=1)
+
+
+def test_early_stopping_and_eval_steps(tiny_llama, sentiment_file, tmp_path):
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=40, learning_rate=0.5, eval_steps=2,
+              early_stopping_patience=1)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r and "train_runtime" not in r]
+    assert evals and max(r["step"] for r in records) < 40
+
+
+def test_tensorboard_logs_written(tiny_llama, sentiment_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    logs = tmp_path / "tb"
+    run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=2, report_to="tensorboard", logging_dir=str(logs))
+    assert any(p.name.startswith("events.out.tfevents") for p in logs.rglob("*"))
