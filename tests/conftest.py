@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+# The tests never reach a hub: fail fast on hub ids instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json  # noqa: E402
 import random
 from pathlib import Path
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

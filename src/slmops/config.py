@@ -27,7 +27,9 @@ class FinetuneConfig(BaseModel):
     # data
     data_name: str | None = None
     data_files: list[str] | None = None
+    train_subset: str | None = None
     train_split: str = "train"
+    eval_subset: str | None = None
     eval_split: str | None = None
     eval_fraction: float = 0.1
     text_template: str | None = None

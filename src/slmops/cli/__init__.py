@@ -39,14 +39,27 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
                         help="0 debug (with tracebacks), 1 info (default), 2 warning, 3 error, 4 critical")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so a redirected or captured stderr keeps working."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int) -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True,
+                        handlers=[_Stderr()])
     logging.getLogger("slmops").setLevel(LOG_LEVELS[level])
     if level > 0:
         import datasets
         import transformers
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(logging.CRITICAL)  # its read errors reach the user as ours
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
@@ -63,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     for module in (finetune, generate, models):
         # Importing TrainingArguments costs seconds; only `finetune` needs its flags.
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag already reported in one line
+        return int(exit_.code or 0)
     setup_logging(args.log_level)
     try:
         return handlers[args.command](args)

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     d.add_argument("-d", "--data_name", help="hub dataset, json|csv|parquet (with --data_files), or a path to a "
                                              ".json/.jsonl/.csv/.tsv/.parquet file")
     d.add_argument("--data_files", type=_csv, help="comma-separated data files")
+    d.add_argument("--train_subset", help="hub dataset configuration (subset) for training")
+    d.add_argument("--eval_subset", help="hub dataset configuration for validation (default: --train_subset)")
     d.add_argument("--train_split", default="train", help="split with optional slice: train, train[:4096], "
                                                           "train[:10%%] (default train)")
     d.add_argument("--eval_split", help="validation split, same syntax; default: hold out --eval_fraction")

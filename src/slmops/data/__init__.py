@@ -29,14 +29,14 @@ class PreparedData:
 
 def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
     """Everything between a dataset name and tensors, with a summary for the manifest."""
-    train_rows = load_split(cfg.data_name, cfg.data_files, cfg.train_split)
+    train_rows = load_split(cfg.data_name, cfg.data_files, cfg.train_split, cfg.train_subset)
     formatter, needed, response_field = _formatter(cfg, tokenizer, train_rows.column_names)
     train_rows = _drop_empty(train_rows, needed, cfg.train_split)
     if cfg.max_samples:
         train_rows = train_rows.select(range(min(cfg.max_samples, len(train_rows))))
     if cfg.eval_split:
-        eval_rows = _drop_empty(load_split(cfg.data_name, cfg.data_files, cfg.eval_split), needed,
-                                cfg.eval_split)
+        eval_rows = _drop_empty(load_split(cfg.data_name, cfg.data_files, cfg.eval_split,
+                                           cfg.eval_subset or cfg.train_subset), needed, cfg.eval_split)
     else:
         labels = train_rows[response_field] if response_field else None
         if labels is not None and len(set(map(str, labels))) > MAX_STRATIFY_CLASSES:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
+from pyarrow import ArrowException
 
 from slmops.errors import UsageError
 
@@ -22,11 +24,17 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".p
 LOCAL_BUILDERS = ("json", "csv", "parquet")
 
 
-def load_split(data_name: str | None, data_files: list[str] | None, split: str) -> Dataset:
-    """Load one split (`train`, `train[:4096]`, `train[:10%]`) and refuse an empty one."""
+def load_split(data_name: str | None, data_files: list[str] | None, split: str,
+               subset: str | None = None) -> Dataset:
+    """Load one split (`train`, `train[:4096]`, `train[:10%]`) of a hub subset, and refuse an empty one."""
     builder, kwargs = _resolve_source(data_name, data_files)
+    if subset:
+        kwargs["name"] = subset
     try:
         rows = load_dataset(builder, split=split, **kwargs)
+    except (ArrowException, DatasetGenerationError) as err:
+        raise UsageError(f"could not read {_describe_source(data_name, data_files)}: "
+                         f"{_first_line(_root_cause(err))}") from None
     except (ValueError, KeyError) as err:
         raise UsageError(f"cannot take split {split!r} of {_describe_source(data_name, data_files)}: "
                          f"{_first_line(err)}; use a split name with an optional slice such as "

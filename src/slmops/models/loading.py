@@ -85,4 +85,4 @@ def _not_found(path: str, err: Exception) -> UsageError:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return UsageError(f"cannot load model {path!r} ({first}); pass a local Hugging Face folder, a .gguf "
                       f"file, a catalogue alias (slmops models list), or a hub id already in the Hugging "
-                      f"Face cache")
+                      f"Face cache (HF_HUB_OFFLINE=1 skips the network look-up)")

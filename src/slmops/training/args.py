@@ -83,6 +83,10 @@ def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dt
         "seed": cfg.seed,
     }
     args.update(user)
+    if not on_gpu(cfg):
+        # Without use_cpu, transformers 5 leaves a torchrun-launched CPU job undistributed: every rank
+        # trains alone on all the data.
+        args["use_cpu"] = True
     args["output_dir"] = str(checkpoint_dir)
     args["seed"] = cfg.seed
     if "bf16" not in user and "fp16" not in user:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -63,7 +64,6 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing)
 
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.logging_dir or work / "logs").resolve()))
     stop = GracefulStop()
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
@@ -71,6 +71,9 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
                       callbacks=[MetricsLog(work / "metrics.jsonl"), Progress(), stop, *extra, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):  # transformers 5 dropped TrainingArguments.logging_dir
+            cb.logging_dir = str(Path(cfg.logging_dir or work / "logs").expanduser())
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -133,8 +136,8 @@ def _plan_output(cfg: FinetuneConfig, out: Path, work: Path) -> str | None:
     if last is not None and not cfg.overwrite:
         raise UsageError(f"an interrupted run left checkpoints in {checkpoints}; add --resume_from_checkpoint "
                          f"auto to continue it, or --overwrite to start over")
-    if work.exists():
-        shutil.rmtree(work)
+    if work.exists() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(work)  # a failed run's leftovers without checkpoints: nothing to keep
     return None
 
 

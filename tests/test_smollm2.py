@@ -1,0 +1,50 @@
+"""Real SmolLM2-135M-Instruct end to end (slow: conversion ~45 s on first use, training ~1 min)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slmops.cli import main
+
+pytestmark = pytest.mark.slow
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.jsonl"
+TEMPLATE = "<|im_start|>user\\n{phrase}<|im_end|>\\n<|im_start|>assistant\\n{tone}<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from slmops.models import catalog
+    return catalog.pull("smollm2-135m-instruct")
+
+
+def test_converted_tokenizer_matches_gguf_and_keeps_special_tokens(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slmops.models import catalog
+    from slmops.models.loading import prepare_tokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert (tok.eos_token, tok.bos_token, tok.padding_side) == ("<|im_end|>", "<|im_start|>", "right")
+    assert tok.pad_token_id is not None and "<|im_start|>assistant" in tok.chat_template
+    assert tok.convert_ids_to_tokens(tok("hello world")["input_ids"]) == ["hello", "Ġworld"]
+    gguf = catalog._find_gguf(catalog.CATALOG["smollm2-135m-instruct"], tmp_path)
+    original = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    catalog.check_tokenizer_roundtrip(prepare_tokenizer(original), smollm2)
+
+
+@pytest.mark.skipif(not SST2.exists(), reason="needs ../shared/data/sst2")
+def test_finetune_and_generate_sst2(smollm2, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "-m", "smollm2-135m-instruct", "-d", str(SST2), "--train_split", "train[:96]",
+                 "--text_template", TEMPLATE, "--max_steps", "6", "--per_device_train_batch_size", "16",
+                 "-o", str(out), "--logging_steps", "1"]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["loss"] for r in records if "loss" in r]
+    assert len(curve) == 6 and curve[-1] < curve[0]
+    capsys.readouterr()
+    assert main(["generate", "--adapter_path", str(out), "--prompt", "a gorgeous, witty film", "--chat",
+                 "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
