@@ -46,11 +46,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
 FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "qwen2": ("Qwen2Config", {}),
-    "phi3": ("Phi3Config", {"pad_token_id": 0}),
-    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "llama": ("LlamaConfig", DECODER),
+    "qwen2": ("Qwen2Config", DECODER),
+    "qwen3": ("Qwen3Config", {**DECODER, "head_dim": 16}),
+    "phi3": ("Phi3Config", DECODER),
+    "gemma": ("GemmaConfig", {**DECODER, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**DECODER, "head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", {**DECODER, "head_dim": 16}),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
 }
 
 
@@ -63,11 +69,9 @@ def build_model(tokenizer_dir: Path, root: Path, family: str = "llama") -> Path:
     if (folder / "config.json").exists():
         return folder
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cls_name, extra = FAMILIES[family]
-    config = getattr(transformers, cls_name)(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, **{"pad_token_id": tok.pad_token_id, **extra})
+    cls_name, sizes = FAMILIES[family]
+    config = getattr(transformers, cls_name)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sizes)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -41,6 +41,8 @@ def base(tiny_llama, sentiment_file, tmp_path):
     ({"--lora_r": "-4"}, "--lora_r must be a positive integer, got -4"),
     ({"--learning_rate": "fast"}, "invalid float value: 'fast'"),
     ({"--text_field": "phrase"}, "--text_template and --text_field are exclusive"),
+    ({"-d": "xxyyzzz/phrase_classification"}, "xxyyzzz/phrase_classification"),
+    ({"--max_seq_len": "0"}, "--max_seq_len must be a positive integer"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, base, change, expect):
     out, argv = base

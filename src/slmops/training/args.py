@@ -55,8 +55,7 @@ def on_gpu(cfg: FinetuneConfig) -> bool:
     return torch.cuda.is_available() and not cfg.training_args.get("use_cpu")
 
 
-def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dtype,
-                        has_eval: bool) -> TrainingArguments:
+def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dtype) -> TrainingArguments:
     """Defaults that suit fine-tuning small models, then the user's TrainingArguments on top."""
     from slmops.methods import METHODS
 
@@ -79,8 +78,6 @@ def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dt
         "include_num_input_tokens_seen": "non_padding",
         "remove_unused_columns": False,
         "dataloader_pin_memory": on_gpu(cfg),
-        "save_only_model": False,
-        "seed": cfg.seed,
     }
     args.update(user)
     if not on_gpu(cfg):
@@ -92,12 +89,10 @@ def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dt
     if "bf16" not in user and "fp16" not in user:
         args["bf16"] = amp == torch.bfloat16
         args["fp16"] = amp == torch.float16 and on_gpu(cfg)
-    if has_eval and "eval_strategy" not in args and ("eval_steps" in user or cfg.early_stopping_patience):
+    if "eval_strategy" not in args and ("eval_steps" in user or cfg.early_stopping_patience):
         args["eval_strategy"] = "steps"
         args.setdefault("eval_steps", args["save_steps"] if cfg.early_stopping_patience else None)
     if cfg.early_stopping_patience:
-        if not has_eval:
-            raise UsageError("--early_stopping_patience needs validation data; drop it or give --eval_split")
         args.setdefault("metric_for_best_model", "eval_loss")
         args.setdefault("load_best_model_at_end", True)
         args["save_strategy"] = args["eval_strategy"]

@@ -60,7 +60,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     amp = autocast_dtype(cfg)
-    args = build_training_args(cfg, work / "checkpoints", amp, has_eval=True)
+    args = build_training_args(cfg, work / "checkpoints", amp)
     model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing)
 
     work.mkdir(parents=True, exist_ok=True)
@@ -86,15 +86,16 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     if not trainer.is_world_process_zero():
         return out
     _save(cfg, trainer, tokenizer, model_path, work)
+    runtime = result.metrics.get("train_runtime") or 1e-9
     results = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_runtime_s": runtime,
         "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(result.metrics.get("train_runtime", 0), 1e-9), 2),
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / runtime, 2),
         **peak_memory_mb(),
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
