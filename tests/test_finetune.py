@@ -195,3 +195,10 @@ def test_max_samples_and_truncation_reported(tiny_llama, tmp_path):
     data = json.loads((out / "manifest.json").read_text())["data"]
     assert data["train"]["rows"] + data["train"]["dropped"] + data["eval"]["rows"] + data["eval"]["dropped"] == 30
     assert data["train"]["truncated"] >= data["train"]["dropped"] > 0 and data["train"]["rows"] > 0
+
+
+def test_held_out_validation_is_capped(tiny_llama, sentiment_file, tmp_path):
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=1, eval_fraction=0.5, max_eval_samples=5)
+    data = json.loads((out / "manifest.json").read_text())["data"]
+    # per-class rounding of the stratified split may take one fewer than the cap
+    assert 4 <= data["eval"]["rows"] <= 5 and data["train"]["rows"] + data["eval"]["rows"] == 48

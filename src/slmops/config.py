@@ -32,6 +32,7 @@ class FinetuneConfig(BaseModel):
     eval_subset: str | None = None
     eval_split: str | None = None
     eval_fraction: float = 0.1
+    max_eval_samples: int = 1000
     text_template: str | None = None
     text_field: str | None = None
     use_chat_template: bool = False
@@ -72,7 +73,7 @@ class FinetuneConfig(BaseModel):
                             "--use_chat_template")
         if self.method == "full" and self.merge:
             problems.append("--merge has nothing to merge with --method full (it writes model/ already)")
-        for name in ("lora_r", "max_seq_len"):
+        for name in ("lora_r", "max_seq_len", "max_eval_samples"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples <= 0:

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     d.add_argument("--eval_split", help="validation split, same syntax; default: hold out --eval_fraction")
     d.add_argument("--eval_fraction", type=float, default=0.1,
                    help="share held out for validation when no --eval_split (default 0.1, stratified by label)")
+    d.add_argument("--max_eval_samples", type=int, default=1000,
+                   help="cap on the rows held out by --eval_fraction (default 1000)")
     d.add_argument("--text_template", help=r"row -> text, e.g. 'Review: {phrase}\nTone: {tone}'; the last "
                                            "placeholder and what follows is the response the loss covers")
     d.add_argument("--text_field", help="column holding ready text (or the messages, with --use_chat_template)")
