@@ -106,3 +106,10 @@ def test_hold_out_keeps_every_class_with_two_or_more_rows(tmp_path):
     ds = load_split(str(write_jsonl(tmp_path / "d.jsonl", rows)), None, "train")
     _, held = hold_out(ds, 0.1, seed=0, stratify_values=ds["tone"])
     assert "rare" in held["tone"]
+
+
+def test_folder_of_split_files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(6))
+    write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(2))
+    assert len(load_split(str(tmp_path), None, "train")) == 6
+    assert len(load_split(str(tmp_path), None, "validation[:1]")) == 1

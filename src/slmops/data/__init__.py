@@ -10,8 +10,8 @@ from typing import Any
 from datasets import Dataset
 
 from slmops.config import FinetuneConfig
-from slmops.data.formatting import (Formatter, Template, Tokenized, chat_formatter, text_field_formatter,
-                                    tokenize)
+from slmops.data.formatting import (IGNORE, Formatter, Template, Tokenized, chat_formatter,
+                                    text_field_formatter, tokenize)
 from slmops.data.sources import hold_out, load_split
 from slmops.errors import UsageError
 
@@ -35,8 +35,12 @@ def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
     if cfg.max_samples:
         train_rows = train_rows.select(range(min(cfg.max_samples, len(train_rows))))
     if cfg.eval_split:
-        eval_rows = _drop_empty(load_split(cfg.data_name, cfg.data_files, cfg.eval_split,
-                                           cfg.eval_subset or cfg.train_subset), needed, cfg.eval_split)
+        eval_rows = load_split(cfg.data_name, cfg.data_files, cfg.eval_split, cfg.eval_subset or cfg.train_subset)
+        missing = [f for f in needed if f not in eval_rows.column_names]
+        if missing:
+            raise UsageError(f"--eval_split {cfg.eval_split!r} lacks field(s) {', '.join(missing)}; fields present: "
+                             f"{', '.join(eval_rows.column_names)}; choose a split with the training columns")
+        eval_rows = _drop_empty(eval_rows, needed, cfg.eval_split)
     else:
         labels = train_rows[response_field] if response_field else None
         if labels is not None and len(set(map(str, labels))) > MAX_STRATIFY_CLASSES:
@@ -62,7 +66,7 @@ def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
         splits[name] = Dataset.from_dict({"input_ids": tok.input_ids, "labels": tok.labels})
         stats[name] = {"rows": len(tok.input_ids), "truncated": tok.truncated, "dropped": tok.dropped,
                        "tokens": sum(map(len, tok.input_ids)),
-                       "supervised_tokens": sum(sum(1 for x in lab if x != -100) for lab in tok.labels)}
+                       "supervised_tokens": sum(sum(1 for x in lab if x != IGNORE) for lab in tok.labels)}
     stats["fingerprint"] = fingerprint.hexdigest()
     return PreparedData(splits["train"], splits["eval"], stats)
 

@@ -86,6 +86,8 @@ def _resolve_source(data_name: str | None, data_files: list[str] | None) -> tupl
     if data_name is None and not data_files:
         raise UsageError("no data given: pass --data_name (a hub dataset or a file path) or "
                          "--data_name json|csv|parquet --data_files FILE")
+    if data_name and not data_files and Path(data_name).expanduser().is_dir():
+        return str(Path(data_name).expanduser()), {}  # a folder of split files (train.jsonl, validation.jsonl, ...)
     if data_name and not data_files and (os.path.exists(data_name) or Path(data_name).suffix in BUILDERS):
         data_files = [data_name]
         data_name = None

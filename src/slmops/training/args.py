@@ -34,10 +34,16 @@ def cpu_supports_bf16() -> bool:
 
 def autocast_dtype(cfg: FinetuneConfig) -> torch.dtype:
     """The mixed-precision dtype this run uses: the user's choice, else the fastest exact-enough one."""
+    dtype = _choose_dtype(cfg)
+    if dtype == torch.bfloat16 and not on_gpu(cfg) and not cpu_supports_bf16():
+        log.warning("bf16 on a CPU without native BF16 (no avx512_bf16/amx_bf16) is emulated: expect steps "
+                    "~100x slower than fp32; drop --bf16/--torch_dtype bfloat16")
+    return dtype
+
+
+def _choose_dtype(cfg: FinetuneConfig) -> torch.dtype:
     ta = cfg.training_args
     if ta.get("bf16"):
-        if not torch.cuda.is_available() and not cpu_supports_bf16():
-            log.warning("--bf16 on a CPU without native BF16 (no avx512_bf16/amx_bf16): expect very slow steps")
         return torch.bfloat16
     if ta.get("fp16"):
         return torch.float16

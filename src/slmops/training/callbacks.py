@@ -40,12 +40,26 @@ class MetricsLog(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """One tqdm bar over optimizer steps; postfix carries the last loss and tokens/s."""
+    """A tqdm bar over optimizer steps (postfix: last loss and tokens/s), and one per evaluation."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+        self.eval_bar: tqdm | None = None
         self._t0 = 0.0
         self._tokens0 = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.eval_bar is None:
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
