@@ -7,3 +7,9 @@ anything else is a bug in slmops and keeps its traceback.
 
 class UsageError(Exception):
     """Bad input: the message names the problem and the fix."""
+
+
+def first_line(err: BaseException) -> str:
+    """The headline of a library's error, for quoting inside our one-line messages."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from transformers import TextStreamer
 
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 from slmops.models.loading import load_model, load_tokenizer, resolve
 
 
@@ -52,7 +52,7 @@ def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: s
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as err:
             raise UsageError(f"adapter {adapter} does not fit model {model_name_or_path} "
-                             f"({str(err).strip().splitlines()[0][:160]}); pass the base model it was trained on") from None
+                             f"({first_line(err)[:160]}); pass the base model it was trained on") from None
     model.eval()
     if chat:
         if not tokenizer.chat_template:

@@ -16,7 +16,7 @@ from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from pyarrow import ArrowException
 
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +34,21 @@ def load_split(data_name: str | None, data_files: list[str] | None, split: str,
         rows = load_dataset(builder, split=split, **kwargs)
     except (ArrowException, DatasetGenerationError) as err:
         raise UsageError(f"could not read {_describe_source(data_name, data_files)}: "
-                         f"{_first_line(_root_cause(err))}") from None
+                         f"{first_line(_root_cause(err))}") from None
     except (ValueError, KeyError) as err:
         raise UsageError(f"cannot take split {split!r} of {_describe_source(data_name, data_files)}: "
-                         f"{_first_line(err)}; use a split name with an optional slice such as "
+                         f"{first_line(err)}; use a split name with an optional slice such as "
                          f"train, train[:4096], train[4096:4224] or train[:10%]") from None
     except FileNotFoundError as err:
         raise UsageError(f"dataset {data_name!r} is neither a local file nor a dataset in the Hugging "
-                         f"Face cache ({_first_line(err)}); pass a path to a .json/.jsonl/.csv/.tsv/"
+                         f"Face cache ({first_line(err)}); pass a path to a .json/.jsonl/.csv/.tsv/"
                          f".parquet file, or download the dataset while online first") from None
     except Exception as err:  # datasets wraps reader failures in many types
         if builder not in LOCAL_BUILDERS:
-            raise UsageError(f"could not load dataset {data_name!r}: {_first_line(err)}; check the name, "
+            raise UsageError(f"could not load dataset {data_name!r}: {first_line(err)}; check the name, "
                              f"or pass a local file") from None
         raise UsageError(f"could not read {_describe_source(data_name, data_files)}: "
-                         f"{_first_line(_root_cause(err))}") from None
+                         f"{first_line(_root_cause(err))}") from None
     if len(rows) == 0:
         raise UsageError(f"split {split!r} of {_describe_source(data_name, data_files)} has no rows; "
                          f"check the slice or the file")
@@ -166,8 +166,3 @@ def _root_cause(err: BaseException) -> BaseException:
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__  # type: ignore[assignment]
     return err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 from slmops.models import catalog
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def _not_found(path: str, err: Exception) -> UsageError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return UsageError(f"cannot load model {path!r} ({first}); pass a local Hugging Face folder, a .gguf "
+    return UsageError(f"cannot load model {path!r} ({first_line(err)}); pass a local Hugging Face folder, a .gguf "
                       f"file, a catalogue alias (slmops models list), or a hub id already in the Hugging "
                       f"Face cache (HF_HUB_OFFLINE=1 skips the network look-up)")

@@ -12,7 +12,7 @@ import torch
 from transformers import TrainingArguments
 
 from slmops.config import FinetuneConfig
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,5 +107,4 @@ def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dt
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"invalid training options: {first}") from None
+        raise UsageError(f"invalid training options: {first_line(err)}") from None

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from slmops.config import FinetuneConfig
 from slmops.data import prepare_data
 from slmops.data.collate import PadCollator
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
 from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
@@ -166,7 +166,7 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
         model = get_peft_model(model, method.build(cfg, targets, model))
     except ValueError as err:
         raise UsageError(f"--method {cfg.method} with --target_modules {','.join(targets)}: "
-                         f"{str(err).splitlines()[0]}; layers with weights here: "
+                         f"{first_line(err)}; layers with weights here: "
                          f"{', '.join(linear_module_names(model))}") from None
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method, ",".join(targets),
