@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p.add_argument("-m", "--model_name_or_path", help="model folder, .gguf, alias or hub id "
                                                       "(default: the adapter's base model)")
     p.add_argument("--adapter_path", help="adapter folder, or a `slmops finetune` output folder")
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--prompt", required=True, help=r"the prompt text (\n and \t typed in the shell become a newline and a tab)")
     p.add_argument("--chat", type=str2bool, nargs="?", const=True, default=False,
                    help="wrap the prompt as a user message with the chat template")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -29,13 +29,14 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from slmops.data.formatting import unescape
     from slmops.generation import generate
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    generate(args.prompt, args.model_name_or_path, args.adapter_path, args.chat, args.max_new_tokens,
+    generate(unescape(args.prompt), args.model_name_or_path, args.adapter_path, args.chat, args.max_new_tokens,
              args.do_sample, args.temperature, args.top_p, args.seed, args.trust_remote_code, on_text=write)
     sys.stdout.write("\n")
     return 0
