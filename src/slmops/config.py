@@ -80,6 +80,8 @@ class FinetuneConfig(BaseModel):
             problems.append(f"--max_samples must be a positive integer, got {self.max_samples}")
         if not 0 < self.eval_fraction < 1:
             problems.append(f"--eval_fraction must lie between 0 and 1, got {self.eval_fraction}")
+        if self.lora_alpha <= 0:
+            problems.append(f"--lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if problems:
