@@ -43,7 +43,7 @@ def base(tiny_llama, sentiment_file, tmp_path):
     ({"--text_field": "phrase"}, "--text_template and --text_field are exclusive"),
     ({"-d": "xxyyzzz/phrase_classification"}, "xxyyzzz/phrase_classification"),
     ({"--max_seq_len": "0"}, "--max_seq_len must be a positive integer"),
-    ({"--lora_alpha": "-1", "--eval_fraction": "2"}, "--lora_alpha must be positive, got -1.0; --eval_fraction must"),
+    ({"--lora_alpha": "-1", "--eval_fraction": "2"}, "between 0 and 1, got 2.0; --lora_alpha must be positive, got -1.0"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, base, change, expect):
     out, argv = base
