@@ -125,6 +125,9 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted(tiny_llama, sentime
     assert resumed[:3] == pytest.approx(whole[:3], rel=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["results"]["global_step"] == 8
+    # tokens/s counts only this session's tokens over this session's time
+    results = manifest["results"]
+    assert results["tokens_per_second"] * results["train_runtime_s"] < results["train_tokens"] * 0.75
 
 
 def test_existing_output_is_refused_then_overwritten(tiny_llama, sentiment_file, tmp_path):

@@ -22,10 +22,12 @@ class MetricsLog(TrainerCallback):
         self.path = path
         self._start = time.perf_counter()
         self._last = (self._start, 0)
+        self.tokens_at_start = 0  # > 0 when resuming: this session's tokens are the difference
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
-        self._last = (self._start, state.num_input_tokens_seen)
+        self.tokens_at_start = state.num_input_tokens_seen
+        self._last = (self._start, self.tokens_at_start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -66,9 +66,10 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     stop = GracefulStop()
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+    metrics_log = MetricsLog(work / "metrics.jsonl")
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                      callbacks=[MetricsLog(work / "metrics.jsonl"), Progress(), stop, *extra, *callbacks])
+                      callbacks=[metrics_log, Progress(), stop, *extra, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     for cb in trainer.callback_handler.callbacks:
@@ -95,7 +96,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_runtime_s": runtime,
         "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / runtime, 2),
+        "tokens_per_second": round((trainer.state.num_input_tokens_seen - metrics_log.tokens_at_start) / runtime, 2),
         **peak_memory_mb(),
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
