@@ -77,11 +77,11 @@ def test_chat_masks_assistant_turns_only(tok):
     messages = [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"},
                 {"role": "user", "content": "dull plot"}, {"role": "assistant", "content": "negative"}]
     text, spans = fmt({"messages": messages})
-    assert [text[s:e].split("<|im_end|>")[0] for s, e in spans] == ["positive", "negative"]
+    assert [text[s:e] for s, e in spans] == ["positive<|im_end|>", "negative<|im_end|>"]
     out = tokenize([text], [spans], tok, 256, False, add_eos=True, add_special_tokens=False)
     learned = supervised_text(tok, out.input_ids[0], out.labels[0])
-    assert "positive" in learned and "negative" in learned
-    assert "good" not in learned and "user" not in learned
+    assert learned.replace(" ", "") == "positive<|im_end|>negative<|im_end|>"
+    assert out.input_ids[0].count(tok.eos_token_id) == 4  # one per turn, none appended
 
 
 def test_chat_rejects_non_message_lists(tok):

@@ -96,16 +96,19 @@ def chat_formatter(tokenizer: Any, field: str) -> Formatter:
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise UsageError(f"--use_chat_template: column {field!r} must hold a list of "
                              f'{{"role": ..., "content": ...}} messages, got {str(messages)[:80]}')
-        text = render(messages)
+        full = render(messages)
+        text = full.rstrip()  # so a turn-closing EOS is the last token and no second one is appended
         spans = []
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
-            if not text.startswith(render(messages[: i + 1])):  # template is not prefix-stable
+            upto = render(messages[: i + 1])
+            start, end = len(render(messages[:i], gen=True)), len(upto)
+            if not full.startswith(upto):  # template is not prefix-stable
                 start = text.find(str(msg.get("content", "")), spans[-1][1] if spans else 0)
                 end = start + len(str(msg.get("content", "")))
-            spans.append((start, end))
+            # learn the turn and its end-of-turn token, not the template's whitespace after it
+            spans.append((start, max(start, len(text[:end].rstrip()))))
         return text, spans
     return fmt
 
