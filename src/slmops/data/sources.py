@@ -32,9 +32,8 @@ def load_split(data_name: str | None, data_files: list[str] | None, split: str,
         kwargs["name"] = subset
     try:
         rows = load_dataset(builder, split=split, **kwargs)
-    except (ArrowException, DatasetGenerationError) as err:
-        raise UsageError(f"could not read {_describe_source(data_name, data_files)}: "
-                         f"{first_line(_root_cause(err))}") from None
+    except (ArrowException, DatasetGenerationError) as err:  # before ValueError: ArrowInvalid is one
+        raise _unreadable(data_name, data_files, err) from None
     except (ValueError, KeyError) as err:
         raise UsageError(f"cannot take split {split!r} of {_describe_source(data_name, data_files)}: "
                          f"{first_line(err)}; use a split name with an optional slice such as "
@@ -47,8 +46,7 @@ def load_split(data_name: str | None, data_files: list[str] | None, split: str,
         if builder not in LOCAL_BUILDERS:
             raise UsageError(f"could not load dataset {data_name!r}: {first_line(err)}; check the name, "
                              f"or pass a local file") from None
-        raise UsageError(f"could not read {_describe_source(data_name, data_files)}: "
-                         f"{first_line(_root_cause(err))}") from None
+        raise _unreadable(data_name, data_files, err) from None
     if len(rows) == 0:
         raise UsageError(f"split {split!r} of {_describe_source(data_name, data_files)} has no rows; "
                          f"check the slice or the file")
@@ -160,6 +158,10 @@ def _check_json(path: str) -> None:
 
 def _describe_source(data_name: str | None, data_files: list[str] | None) -> str:
     return ", ".join(data_files) if data_files else repr(data_name)
+
+
+def _unreadable(data_name: str | None, data_files: list[str] | None, err: BaseException) -> UsageError:
+    return UsageError(f"could not read {_describe_source(data_name, data_files)}: {first_line(_root_cause(err))}")
 
 
 def _root_cause(err: BaseException) -> BaseException:
