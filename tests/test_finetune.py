@@ -205,3 +205,19 @@ def test_held_out_validation_is_capped(tiny_llama, sentiment_file, tmp_path):
     data = json.loads((out / "manifest.json").read_text())["data"]
     # per-class rounding of the stratified split may take one fewer than the cap
     assert 4 <= data["eval"]["rows"] <= 5 and data["train"]["rows"] + data["eval"]["rows"] == 48
+
+
+def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
+    rows = sentiment_rows(24)
+    for i, row in enumerate(rows):  # rows of different lengths, so padding would matter
+        row["phrase"] = " ".join([row["phrase"]] * (1 + i % 4))
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]")
+    padded = run(tiny_llama, data, tmp_path / "padded", max_steps=6, eval_split="train[:8]", packing=False)
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in (packed, padded)]
+    assert [m["resolved"]["packing"] for m in manifests] == [True, False]
+    assert manifests[0]["results"]["eval_loss"] == pytest.approx(manifests[1]["results"]["eval_loss"], rel=1e-4)
+    # tokens seen count every real token once, with or without padding
+    tokens = [m["results"]["train_tokens"] for m in manifests]
+    assert tokens[0] == tokens[1] > 0

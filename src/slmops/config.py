@@ -40,6 +40,7 @@ class FinetuneConfig(BaseModel):
     max_samples: int | None = None
     train_on_prompt: bool = False
     add_eos: bool = True
+    packing: bool = True
     # method
     method: Method = "lora"
     lora_r: int = 16

@@ -21,13 +21,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from slmops.config import FinetuneConfig
 from slmops.data import prepare_data
-from slmops.data.collate import PadCollator
+from slmops.data.collate import Collator
 from slmops.errors import UsageError, first_line
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
 from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress
+from slmops.training.efficiency import causal_lm_loss, supports_packing, use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,19 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     amp = autocast_dtype(cfg)
     args = build_training_args(cfg, work / "checkpoints", amp)
     model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing)
+    packing = cfg.packing and supports_packing(model)
+    if cfg.packing and not packing:
+        log.info("this model cannot keep packed rows apart; padding each batch instead")
+    if packing:
+        args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
+    collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing)
 
     work.mkdir(parents=True, exist_ok=True)
     stop = GracefulStop()
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     metrics_log = MetricsLog(work / "metrics.jsonl")
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                      data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                      data_collator=collator, compute_loss_func=causal_lm_loss, processing_class=tokenizer,
                       callbacks=[metrics_log, Progress(), stop, *extra, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -100,7 +107,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         **peak_memory_mb(),
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
-        "model_path": model_path, "target_modules": targets, "autocast_dtype": str(amp).removeprefix("torch."),
+        "model_path": model_path, "target_modules": targets, "packing": packing, "autocast_dtype": str(amp).removeprefix("torch."),
         "device": str(args.device), "world_size": args.world_size,
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
@@ -169,6 +176,7 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
         raise UsageError(f"--method {cfg.method} with --target_modules {','.join(targets)}: "
                          f"{first_line(err)}; layers with weights here: "
                          f"{', '.join(linear_module_names(model))}") from None
+    use_fast_dropout(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method, ",".join(targets),
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)

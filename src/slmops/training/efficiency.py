@@ -1,0 +1,107 @@
+"""What makes adapter training fast on a CPU, each piece checked to leave the learning unchanged.
+
+- Packing (see `slmops.data.collate`) is used only after `supports_packing` has seen, on this very
+  model, that packed rows give the same logits as separate ones.
+- `causal_lm_loss` takes logits computed only where a label is supervised.
+- `FastDropout` replaces adapter dropout on CPU: torch draws one Mersenne-Twister number per element
+  for `nn.Dropout`, which measured 30% of a LoRA step on SmolLM2; drawing 64 random bits and cutting
+  them into four 16-bit uniforms is 4x cheaper for the same Bernoulli mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmops.data.formatting import IGNORE
+
+log = logging.getLogger(__name__)
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+    """Token cross-entropy on the supervised positions, normalised like transformers' own loss.
+
+    `outputs.logits` is either (positions kept, vocab) from `logits_to_keep`, or the full
+    (batch, length, vocab) when the model cannot skip positions.
+    """
+    targets = labels[..., 1:]
+    supervised = targets != IGNORE
+    logits = outputs.logits
+    if logits.dim() == 3:
+        logits = logits[:, :-1][supervised]
+    loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1))
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Whether this model keeps packed rows apart and can compute logits at chosen positions.
+
+    Tried, not assumed: two short random rows run separately and packed must give the same logits
+    (a model whose attention ignores `position_ids` boundaries would mix the rows). transformers
+    separates packed rows only without a KV cache, so training must run with `use_cache=False`.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, vocab, (1, n), generator=g).to(model.device) for n in (7, 5)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            separate = torch.cat([model(input_ids=r, use_cache=False).logits[0] for r in rows]).float()
+            ids = torch.cat(rows, dim=1)
+            positions = torch.cat([torch.arange(r.shape[1]) for r in rows])[None].to(model.device)
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            packed = model(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
+            packed = packed.float()
+    except Exception as err:  # any failure means: do not pack this model
+        log.debug("packing probe failed: %s", err)
+        return False
+    finally:
+        model.train(training)
+    if packed.shape != separate.shape:
+        return False
+    # Rounding moves logits by a tiny share of their spread; a row that sees the other moves by about all of it.
+    tolerance = 1e-2 if next(model.parameters()).dtype == torch.float32 else 1e-1
+    return (packed - separate).abs().max().item() <= tolerance * separate.std().item()
+
+
+class FastDropout(nn.Module):
+    """`nn.Dropout` with a cheaper random mask on CPU (same keep probability to within 2^-16)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        # Drop when a uniform 16-bit integer in [-32768, 32767] falls below this threshold.
+        self.threshold = round(p * 65536) - 32768
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        words = (x.numel() + 3) // 4
+        bits = torch.empty(words, dtype=torch.int64).random_(-2**63, None)
+        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= self.threshold
+        return torch.where(keep, x, 0) * (1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every adapter dropout layer for `FastDropout`; returns how many were swapped."""
+    swapped = 0
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout") and isinstance(module, nn.ModuleDict):
+            for adapter, dropout in list(module.items()):
+                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                    module[adapter] = FastDropout(dropout.p)
+                    swapped += 1
+    return swapped

@@ -1,0 +1,102 @@
+"""Packing, logits at supervised positions only, and the cheap dropout: faster, same learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, build_model
+from slmops.data.collate import Collator
+from slmops.data.formatting import IGNORE
+from slmops.training.efficiency import FastDropout, causal_lm_loss, supports_packing, use_fast_dropout
+
+
+def varied_rows(n: int = 6, vocab: int = 300) -> list[dict]:
+    """Rows of different lengths, each with a supervised tail of 1-3 tokens."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        length = 4 + 3 * i
+        ids = torch.randint(5, vocab, (length,), generator=g).tolist()
+        answer = 1 + i % 3
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (length - answer) + ids[-answer:]})
+    return rows
+
+
+def lora(path) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.use_cache = False  # as in training: transformers keeps packed rows apart only without a cache
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             init_lora_weights=False))
+    return model.eval()  # no dropout anywhere (GPT-2 has its own): the two batches must meet exactly
+
+
+def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad()
+    labels = batch.pop("labels")
+    loss = causal_lm_loss(model(**batch), labels)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_batch_learns_exactly_what_the_padded_batch_does(family, tokenizer_dir, models_root):
+    path = build_model(tokenizer_dir, models_root, family)
+    model = lora(path)
+    assert supports_packing(model)
+    rows = varied_rows()
+    padded = Collator(0, pack=False, keep_logits=False)(rows)
+    # transformers' own loss on the padded batch is the reference
+    reference = model(**{k: v for k, v in padded.items()}).loss.item()
+    loss_pad, grads_pad = loss_and_grads(model, padded)
+    loss_pack, grads_pack = loss_and_grads(model, Collator(0, pack=True)(rows))
+    assert loss_pad == pytest.approx(reference, rel=1e-5)
+    assert loss_pack == pytest.approx(reference, rel=1e-5)
+    for a, b in zip(grads_pad, grads_pack):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_rows_never_learn_across_their_boundary():
+    rows = [{"input_ids": [7, 8, 9], "labels": [7, 8, 9]}, {"input_ids": [4, 5], "labels": [4, 5]}]
+    batch = Collator(0, pack=True)(rows)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # token 4 starts the second row: nothing before it in its own row predicts it
+    assert batch["labels"].tolist() == [[IGNORE, 8, 9, IGNORE, 5]]
+    assert batch["logits_to_keep"].tolist() == [[True, True, False, True, False]]
+
+
+def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypatch):
+    import transformers.masking_utils as masking
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert supports_packing(model)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not supports_packing(model)
+
+
+def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():
+    drop = FastDropout(0.05).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert kept == pytest.approx(0.95, abs=1e-3)  # 1e6 draws: the standard error is 2e-4
+    assert y.mean().item() == pytest.approx(1.0, abs=2e-3)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes exactly where the input did
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)
+    torch.manual_seed(1)
+    assert not torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_fast_dropout_replaces_every_adapter_dropout(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"))
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout")]
+    assert use_fast_dropout(model) == len(dropouts) > 0
+    assert all(isinstance(d["default"], FastDropout) and d["default"].p == 0.1 for d in dropouts)
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
