@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES, build_model
 from slmops.data.collate import Collator
 from slmops.data.formatting import IGNORE
-from slmops.training.efficiency import FastDropout, causal_lm_loss, supports_packing, use_fast_dropout
+from slmops.training.efficiency import (FastDropout, causal_lm_loss, supports_packing, use_fast_dropout,
+                                        use_segmented_attention)
 
 
 def varied_rows(n: int = 6, vocab: int = 300) -> list[dict]:
@@ -25,9 +26,12 @@ def varied_rows(n: int = 6, vocab: int = 300) -> list[dict]:
     return rows
 
 
-def lora(path) -> torch.nn.Module:
+def lora(path, segmented: bool = True) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False  # as in training: transformers keeps packed rows apart only without a cache
+    if segmented:
+        # every family here runs on SDPA except Gemma 2 (eager, for its logit soft-capping)
+        assert use_segmented_attention(model) == (model.config.model_type != "gemma2")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                              init_lora_weights=False))
     return model.eval()  # no dropout anywhere (GPT-2 has its own): the two batches must meet exactly
@@ -41,10 +45,11 @@ def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
     return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("segmented", [True, False], ids=["row-by-row-attention", "masked-attention"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_packed_batch_learns_exactly_what_the_padded_batch_does(family, tokenizer_dir, models_root):
+def test_packed_batch_learns_exactly_what_the_padded_batch_does(family, segmented, tokenizer_dir, models_root):
     path = build_model(tokenizer_dir, models_root, family)
-    model = lora(path)
+    model = lora(path, segmented)
     assert supports_packing(model)
     rows = varied_rows()
     padded = Collator(0, pack=False, keep_logits=False)(rows)
@@ -65,6 +70,7 @@ def test_packed_rows_never_learn_across_their_boundary():
     # token 4 starts the second row: nothing before it in its own row predicts it
     assert batch["labels"].tolist() == [[IGNORE, 8, 9, IGNORE, 5]]
     assert batch["logits_to_keep"].tolist() == [[True, True, False, True, False]]
+    assert batch["row_bounds"].tolist() == [0, 3, 5]
 
 
 def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypatch):
@@ -74,6 +80,44 @@ def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypa
     assert supports_packing(model)
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
     assert not supports_packing(model)
+
+
+def spy_attention_lengths(monkeypatch) -> list[int]:
+    """Record the query length of every SDPA attention call."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    lengths, original = [], sdpa.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    return lengths
+
+
+def test_row_by_row_attention_respects_a_sliding_window(tokenizer_dir, models_root, monkeypatch):
+    """A row longer than the window must see only the window, as transformers' masks do."""
+    import transformers
+
+    tok_path = build_model(tokenizer_dir, models_root, "llama")
+    config = transformers.Qwen2Config(vocab_size=399, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                      sliding_window=4, max_window_layers=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config.use_cache = False
+    assert tok_path and model.config.layer_types[0] == "sliding_attention"
+    rows = varied_rows(3, vocab=399)
+    with torch.no_grad():
+        reference = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows]
+        assert use_segmented_attention(model)
+        batch = Collator(0, pack=True, keep_logits=False)(rows)
+        batch.pop("labels")
+        lengths = spy_attention_lengths(monkeypatch)
+        packed = model(**batch).logits[0]
+    torch.testing.assert_close(packed, torch.cat(reference), rtol=1e-4, atol=1e-5)
+    assert lengths == [4, 7, 10] * 2  # each row alone, in both layers
 
 
 def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():

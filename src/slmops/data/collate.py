@@ -42,7 +42,9 @@ class Collator:
         positions = torch.cat([torch.arange(len(r["input_ids"])) for r in rows])
         # A row's first token has no prediction from inside its row: never learn it from the row before.
         labels[positions == 0] = IGNORE
-        return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+        bounds = torch.tensor([0, *torch.tensor([len(r["input_ids"]) for r in rows]).cumsum(0).tolist()])
+        return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None],
+                "row_bounds": bounds}
 
     def _padded(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)

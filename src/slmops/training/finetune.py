@@ -28,7 +28,8 @@ from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
 from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress
-from slmops.training.efficiency import causal_lm_loss, supports_packing, use_fast_dropout
+from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
+                                        use_segmented_attention)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
             base_dtype = getattr(torch, cfg.torch_dtype)
         model = load_model(model_path, base_dtype, cfg.trust_remote_code)
     model.config.use_cache = False
+    if cfg.packing:
+        use_segmented_attention(model)
     targets = cfg.target_modules or linear_module_names(model)
     if method.build is None:
         return model, []
