@@ -1,7 +1,8 @@
 """Score an adapter on held-out SST-2 with plain transformers + peft (no slmops code).
 
 Accuracy compares the next-token scores of the two label words after the prompt, the way the
-reference recipe in ../shared/data/sst2/README.md measures it.
+reference recipe in ../shared/data/sst2/README.md measures it. `--val_data` adds the validation
+loss: mean cross-entropy over the answer tokens (`{tone}<|im_end|>`), the loss every recipe trains on.
 
     python benchmarks/sst2_accuracy.py --base ~/.cache/slmops/models/smollm2-135m-instruct \
         --adapter runs/sst2-lora/adapter --data ../shared/data/sst2/dev.jsonl
@@ -17,6 +18,48 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPT = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n"
+ANSWER = "{tone}<|im_end|>"
+LABELS = ["negative", "positive"]
+
+
+def load(base: str, adapter: str | None):
+    tok = AutoTokenizer.from_pretrained(base)  # adapters need not carry the tokenizer (Olive's do not)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    return tok, model.eval()
+
+
+@torch.no_grad()
+def accuracy(tok, model, rows: list[dict], batch_size: int = 32) -> float:
+    tok.padding_side = "left"
+    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    correct = 0
+    for lo in range(0, len(rows), batch_size):
+        batch = rows[lo: lo + batch_size]
+        enc = tok([PROMPT.format(**r) for r in batch], return_tensors="pt", padding=True)
+        pred = model(**enc).logits[:, -1, label_ids].argmax(-1).tolist()
+        correct += sum(LABELS[p] == r["tone"] for p, r in zip(pred, batch))
+    return correct / len(rows)
+
+
+@torch.no_grad()
+def answer_loss(tok, model, rows: list[dict]) -> float:
+    """Mean cross-entropy per answer token, one row at a time (no padding to get wrong)."""
+    total, count = 0.0, 0
+    for r in rows:
+        prompt = tok(PROMPT.format(**r), add_special_tokens=False)["input_ids"]
+        answer = tok(ANSWER.format(**r), add_special_tokens=False)["input_ids"]
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1: -1]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum").item()
+        count += len(answer)
+    return total / count
+
+
+def read_rows(path: str, start: int = 0, stop: int | None = None) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh][start:stop]
 
 
 def main() -> None:
@@ -25,29 +68,18 @@ def main() -> None:
     ap.add_argument("--adapter")
     ap.add_argument("--data", required=True)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--val_data", help="JSONL rows for the validation loss")
     ap.add_argument("--batch_size", type=int, default=32)
     args = ap.parse_args()
 
-    tok = AutoTokenizer.from_pretrained(args.adapter or args.base)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    if args.adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8")][: args.limit]
-    labels = ["negative", "positive"]
-    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in labels]
-    correct, start = 0, time.perf_counter()
-    for lo in range(0, len(rows), args.batch_size):
-        batch = rows[lo: lo + args.batch_size]
-        enc = tok([PROMPT.format(**r) for r in batch], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = model(**enc).logits[:, -1, label_ids]
-        pred = logits.argmax(-1).tolist()
-        correct += sum(labels[p] == r["tone"] for p, r in zip(pred, batch))
-    print(f"accuracy {correct / len(rows):.4f} ({correct}/{len(rows)}) in {time.perf_counter() - start:.0f} s "
+    tok, model = load(args.base, args.adapter)
+    rows = read_rows(args.data, 0, args.limit)
+    start = time.perf_counter()
+    acc = accuracy(tok, model, rows, args.batch_size)
+    print(f"accuracy {acc:.4f} ({round(acc * len(rows))}/{len(rows)}) in {time.perf_counter() - start:.0f} s "
           f"[{'adapter ' + args.adapter if args.adapter else 'base only'}]")
+    if args.val_data:
+        print(f"validation loss {answer_loss(tok, model, read_rows(args.val_data)):.4f}")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,20 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
     # tokens seen count every real token once, with or without padding
     tokens = [m["results"]["train_tokens"] for m in manifests]
     assert tokens[0] == tokens[1] > 0
+
+
+def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentiment_file, tmp_path, monkeypatch,
+                                                            caplog):
+    import psutil
+
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=2, eval_split="train[:4]")
+    estimate = json.loads((out / "manifest.json").read_text())["results"]["preflight"]
+    assert estimate["calibration_rows"] == 8 and estimate["est_epoch_seconds"] > 0
+    assert 0 < estimate["est_peak_memory_mb"] < estimate["memory_capacity_mb"]
+    assert "not fit" not in caplog.text
+
+    real = psutil.virtual_memory()  # nothing free beyond what the process holds: the step's growth cannot fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=0))
+    with caplog.at_level("WARNING"):
+        run(tiny_llama, sentiment_file, tmp_path / "out2", max_steps=1, eval_split="train[:4]")
+    assert "will likely not fit in RAM" in caplog.text

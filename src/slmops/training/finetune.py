@@ -30,6 +30,7 @@ from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress
 from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
                                         use_segmented_attention)
+from slmops.training.preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback):  # transformers 5 dropped TrainingArguments.logging_dir
             cb.logging_dir = str(Path(cfg.logging_dir or work / "logs").expanduser())
+    estimate = preflight(trainer, amp)
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -106,6 +108,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "train_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - metrics_log.tokens_at_start) / runtime, 2),
         **peak_memory_mb(),
+        "preflight": estimate,
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
         "model_path": model_path, "target_modules": targets, "packing": packing, "autocast_dtype": str(amp).removeprefix("torch."),

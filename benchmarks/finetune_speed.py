@@ -1,0 +1,291 @@
+"""LoRA fine-tuning speed on this machine: slmops, the plain Trainer + peft recipe and Olive, side by side.
+
+Every system trains SmolLM2-135M-Instruct on the same SST-2 rows with the same recipe (LoRA r16/alpha
+32/dropout 0.05 on all linear layers, loss on the answer only, batch 16, lr 2e-4 cosine, one epoch, fp32
+on a CPU without native bf16), each in its own process, in alternating order over `--repeats`. One
+scorer (benchmarks/sst2_accuracy.py, plain transformers + peft) then measures every adapter: validation
+loss on the rows after the training rows and accuracy on dev.jsonl.
+
+    python benchmarks/finetune_speed.py --olive-python /work/olive-venv/bin/python [--scale]
+
+Columns: train time (each system's own trainer clock), non-padding tokens/s (the rows' real tokens over
+that time: the same numerator for everyone), peak RSS of the process tree, validation loss, dev accuracy,
+and MFU: the FLOPs the loss needs (4 x frozen linear weights + 6 x LoRA weights per token, attention at
+each token's context, the vocabulary head only at supervised positions) over time and over the fp32
+matmul peak measured here at start. `--scale` adds slmops's step time at 128/512/2048 tokens per row
+and for a 135M and a 360M Llama-shaped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sst2_accuracy as scorer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = scorer.PROMPT + scorer.ANSWER
+RECIPE = dict(r=16, alpha=32, dropout=0.05, batch=16, lr=2e-4)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """Best GFLOP/s of an n^3 matmul over a few seconds (the best, as noise only slows it)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[str, float, float]:
+    """Run a command; return its output, wall seconds and peak RSS (MB) of its process tree."""
+    start, peak = time.perf_counter(), 0
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} ... failed ({proc.returncode}); last lines of {log}:\n{text[-3000:]}")
+    return text, time.perf_counter() - start, peak / 2**20
+
+
+# Each runner returns the command, a parser of its output -> (train seconds, adapter folder), and a cwd.
+def run_slmops(a, out: Path):
+    cmd = [sys.executable, "-m", "slmops", "finetune", "--model_name_or_path", a.model, "--data_name", a.data,
+           "--train_split", f"train[:{a.rows}]", "--eval_split", f"train[{a.rows}:{a.rows + a.val_rows}]",
+           "--text_template", TEMPLATE, "--method", "lora", "--lora_r", str(RECIPE["r"]),
+           "--lora_alpha", str(RECIPE["alpha"]), "--lora_dropout", str(RECIPE["dropout"]),
+           "--per_device_train_batch_size", str(RECIPE["batch"]), "--learning_rate", str(RECIPE["lr"]),
+           "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--output_path", str(out), "--overwrite"]
+    return cmd, lambda text: (json.loads((out / "manifest.json").read_text())["results"]["train_runtime_s"],
+                              out / "adapter"), Path.cwd()
+
+
+def run_plain(a, out: Path):
+    cmd = [sys.executable, str(HERE / "plain_recipe.py"), "--model", a.model, "--data", a.data,
+           "--rows", str(a.rows), "--out", str(out)]
+    return cmd, lambda text: (json.loads(text.strip().splitlines()[-1])["train_runtime_s"], out / "adapter"), Path.cwd()
+
+
+OLIVE_SCRIPT = '''"""Olive user script: one row per example, loss on the answer only (as the other recipes)."""
+from olive.data.component.dataset import ClassificationDataset
+from olive.data.registry import Registry
+
+
+@Registry.register_pre_process()
+def answer_only(dataset, model_name, prompt_template, answer_template, max_samples=None, **kwargs):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_name)
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for row in dataset.select(range(min(max_samples or len(dataset), len(dataset)))):
+        prompt = tok(prompt_template.format(**row), add_special_tokens=False)["input_ids"]
+        answer = tok(answer_template.format(**row), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(prompt + answer)
+        out["input_ids"].append(ids)
+        out["attention_mask"].append(torch.ones_like(ids))
+        out["labels"].append(torch.tensor([-100] * len(prompt) + answer))
+    data = Dataset.from_dict(out)
+    data.set_format("torch", output_all_columns=True)
+    return ClassificationDataset(data, "labels", max_samples=max_samples)
+'''
+
+
+def run_olive(a, out: Path):
+    """`olive run` with the LoRA pass configured like the other recipes (the `olive finetune` CLI can
+    neither put the loss on the answer only nor keep one row per example)."""
+    work = Path(tempfile.mkdtemp(prefix="olive-"))  # Olive caches in its working folder: always fresh
+    (work / "answer_only.py").write_text(OLIVE_SCRIPT)
+    config = {
+        "input_model": {"type": "HfModel", "model_path": a.model, "load_kwargs": {"attn_implementation": "sdpa"}},
+        "data_configs": [{
+            "name": "train", "type": "HuggingfaceContainer", "user_script": str(work / "answer_only.py"),
+            "load_dataset_config": {"data_name": "json", "data_files": [a.data], "split": f"train[:{a.rows}]"},
+            "pre_process_data_config": {"type": "answer_only", "prompt_template": scorer.PROMPT,
+                                        "answer_template": scorer.ANSWER, "max_samples": a.rows},
+            "dataloader_config": {"batch_size": 1}}],
+        "passes": {"lora": {
+            "type": "LoRA", "train_data_config": "train", "torch_dtype": "float32", "r": RECIPE["r"],
+            "alpha": RECIPE["alpha"], "lora_dropout": RECIPE["dropout"],
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "training_args": {"per_device_train_batch_size": RECIPE["batch"], "learning_rate": RECIPE["lr"],
+                              "lr_scheduler_type": "cosine", "num_train_epochs": 1, "gradient_checkpointing": False,
+                              "logging_steps": 10, "seed": 42, "output_dir": str(work / "trainer")}}},
+        "output_dir": str(out), "no_artifacts": True, "log_severity_level": 1,
+    }
+    (work / "config.json").write_text(json.dumps(config, indent=1))
+    cmd = [a.olive_python, "-m", "olive", "run", "--config", str(work / "config.json")]
+
+    def result(text: str):
+        runtime = re.findall(r"'train_runtime': '?([0-9.]+)", text)
+        if not runtime:
+            raise SystemExit("olive: no train_runtime in its output")
+        return float(runtime[-1]), out / "adapter"
+    return cmd, result, work
+
+
+def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[float]]:
+    """Real tokens and loss-relevant training FLOPs of each row (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    frozen = sum(m.weight.numel() for m in linears)
+    lora = sum(RECIPE["r"] * (m.in_features + m.out_features) for m in linears)
+    head = cfg.vocab_size * cfg.hidden_size
+    attn = cfg.num_hidden_layers * cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size //
+                                                                      cfg.num_attention_heads)
+    tokens, flops = [], []
+    for r in rows:
+        n_prompt = len(tok(scorer.PROMPT.format(**r), add_special_tokens=False)["input_ids"])
+        n = n_prompt + len(tok(scorer.ANSWER.format(**r), add_special_tokens=False)["input_ids"])
+        context = n * (n + 1) / 2  # sum over tokens of the positions each attends to
+        tokens.append(n)
+        flops.append(n * (4 * frozen + 6 * lora) + 3 * 4 * attn * context + 4 * head * (n - n_prompt))
+    return tokens, flops
+
+
+def scale_section(model_path: str, peak: float) -> list[dict]:
+    """slmops's training step (packing, head at supervised positions, fast dropout) at 2,048 tokens a
+    step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a 360M Llama-shaped config (random weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slmops.data.collate import Collator
+    from slmops.training.efficiency import causal_lm_loss, use_fast_dropout, use_segmented_attention
+
+    small = AutoConfig.from_pretrained(model_path)
+    big = AutoConfig.from_pretrained(model_path)
+    big.update(dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                    num_key_value_heads=5, head_dim=64))
+    table = []
+    for name, cfg in (("135M", small), ("360M", big)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.config.use_cache = False
+        use_segmented_attention(model)
+        params = sum(p.numel() for p in model.parameters())
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
+        use_fast_dropout(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for length in (128, 512, 2048):
+            rows = [{"input_ids": torch.randint(0, cfg.vocab_size, (length,)).tolist()} for _ in range(2048 // length)]
+            for r in rows:
+                r["labels"] = [-100] * (length - 2) + r["input_ids"][-2:]
+            times = []
+            for _ in range(3):  # the first is warm-up
+                batch = Collator(0, pack=True)(rows)
+                labels = batch.pop("labels")
+                t = time.perf_counter()
+                causal_lm_loss(model(**batch), labels).backward()
+                opt.step()
+                opt.zero_grad()
+                times.append(time.perf_counter() - t)
+            step = min(times[1:])
+            table.append({"model": f"{name} ({params / 1e6:.0f}M)", "rows x tokens": f"{len(rows)} x {length}",
+                          "s/step": round(step, 2), "tokens/s": round(2048 / step, 1)})
+            print(table[-1], flush=True)
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="Hugging Face folder (default: slmops's smollm2-135m-instruct)")
+    ap.add_argument("--data", default=str(HERE.parent.parent / "shared/data/sst2/train.jsonl"))
+    ap.add_argument("--dev", default=str(HERE.parent.parent / "shared/data/sst2/dev.jsonl"))
+    ap.add_argument("--rows", type=int, default=2000, help="training rows (default 2000)")
+    ap.add_argument("--val-rows", dest="val_rows", type=int, default=200,
+                    help="rows after the training rows, for the validation loss (default 200)")
+    ap.add_argument("--systems", default="plain,slmops,olive")
+    ap.add_argument("--olive-python", dest="olive_python", help="python of a virtualenv with olive-ai[finetune]")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--out", default="runs/speed")
+    ap.add_argument("--scale", action="store_true", help="also time steps at 128/512/2048 tokens, 135M and 360M")
+    a = ap.parse_args()
+    if a.model is None:
+        from slmops.models.loading import resolve
+        a.model = resolve("smollm2-135m-instruct")
+    systems = [s for s in a.systems.split(",") if s != "olive" or a.olive_python]
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16, 512, 2.0)}
+    print(f"matmul peak here: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s", flush=True)
+    train_rows = scorer.read_rows(a.data, 0, a.rows)
+    tokens, flops = flops_per_row(a.model, train_rows)
+    val_rows = scorer.read_rows(a.data, a.rows, a.rows + a.val_rows)
+    dev_rows = scorer.read_rows(a.dev)
+
+    results = []
+    for rep in range(a.repeats):
+        for system in systems if rep % 2 == 0 else systems[::-1]:
+            folder = out / f"{system}-{rep}"
+            cmd, parse, cwd = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive}[system](a, folder)
+            print(f"[{system} {rep + 1}/{a.repeats}] {' '.join(cmd[:4])} ...", flush=True)
+            text, wall, rss = run_tree(cmd, cwd, out / f"{system}-{rep}.log")
+            runtime, adapter = parse(text)
+            tok, model = scorer.load(a.model, str(adapter))
+            results.append({"system": system, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
+                            "tokens_per_s": sum(tokens) / runtime, "peak_rss_gb": rss / 1024,
+                            "val_loss": scorer.answer_loss(tok, model, val_rows),
+                            "dev_acc": scorer.accuracy(tok, model, dev_rows),
+                            "mfu": sum(flops) / runtime / 1e9 / peaks["float32"]})
+            print(results[-1], flush=True)
+
+    ours = [r for r in results if r["system"] == "slmops"]
+    table = []
+    for r in results:
+        ref = ours[0] if ours else r
+        table.append({"system": r["system"], "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s",
+                      "non-pad tokens/s": f"{r['tokens_per_s']:.1f}",
+                      "slmops speed-up": f"{ref['tokens_per_s'] / r['tokens_per_s']:.2f}x",
+                      "peak RSS": f"{r['peak_rss_gb']:.2f} GB",
+                      "RSS vs slmops": f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x",
+                      "val loss": f"{r['val_loss']:.4f}", "dev acc": f"{100 * r['dev_acc']:.2f}%",
+                      "MFU (fp32 peak)": f"{100 * r['mfu']:.0f}%"})
+    print(f"\n{a.rows} rows, {sum(tokens)} real tokens, {sum(flops) / 1e12:.1f} TFLOP of loss-relevant work; "
+          f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s\n")
+    print(markdown(table))
+    report = {"peaks_gflops": peaks, "rows": a.rows, "tokens": sum(tokens), "results": results}
+    if a.scale:
+        report["scale"] = scale_section(a.model, peaks["float32"])
+        print("\n" + markdown(report["scale"]))
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
