@@ -1,5 +1,5 @@
-"""Before training: measure one step on the longest rows, then say how long an epoch will take and
-whether the run fits in memory, so a run that cannot finish fails in seconds, not after an hour.
+"""Before training: measure one step on a typical batch, then say how long an epoch will take and
+whether the longest batch will fit in memory, so a run that cannot finish says so in seconds.
 """
 
 from __future__ import annotations
@@ -40,15 +40,21 @@ class _PeakRss:
 
 
 def preflight(trainer: Any, amp: torch.dtype) -> dict[str, Any]:
-    """One forward and backward pass (no update; random state restored) on the batch of longest rows.
+    """One forward and backward pass (no update; random state restored) on rows of median length.
 
-    Returns the estimate recorded in the manifest and logs it; warns when the peak will not fit.
+    Time scales with tokens; memory grows by the measured activations per token up to the longest
+    possible batch (the longest rows together), which is what must fit. Returns the estimate for the
+    manifest and logs it; warns when that peak exceeds the memory there is.
     """
     args, model, data = trainer.args, trainer.model, trainer.train_dataset
     lengths = [len(ids) for ids in data["input_ids"]]
-    longest = sorted(range(len(lengths)), key=lengths.__getitem__)[-args.per_device_train_batch_size:]
-    batch = {k: v.to(args.device) for k, v in trainer.data_collator([data[i] for i in longest]).items()}
-    tokens = sum(lengths[i] for i in longest)
+    size = min(args.per_device_train_batch_size, len(lengths))
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    middle = max(0, len(order) // 2 - size // 2)
+    rows = order[middle: middle + size]
+    batch = {k: v.to(args.device) for k, v in trainer.data_collator([data[i] for i in rows]).items()}
+    tokens = sum(lengths[i] for i in rows)
+    worst = sum(lengths[i] for i in order[-size:])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -56,6 +62,9 @@ def preflight(trainer: Any, amp: torch.dtype) -> dict[str, Any]:
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(args.device)
+        before = torch.cuda.memory_allocated(args.device)
+    else:
+        before = psutil.Process().memory_info().rss
     with torch.random.fork_rng(devices=[args.device] if gpu else []), _PeakRss() as rss:
         model.train()
         start = time.perf_counter()
@@ -66,24 +75,23 @@ def preflight(trainer: Any, amp: torch.dtype) -> dict[str, Any]:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    optimizer_state = 2 * trainable  # AdamW's two moments (gradients are inside the measured step)
     if gpu:
-        peak = torch.cuda.max_memory_allocated(args.device) + optimizer_state
+        grown = torch.cuda.max_memory_allocated(args.device) - before
         capacity = torch.cuda.get_device_properties(args.device).total_memory
     else:
-        peak = rss.peak + optimizer_state
+        grown = rss.peak - before
         capacity = psutil.Process().memory_info().rss + psutil.virtual_memory().available
-    # Time scales with tokens; the longest rows make this a slight over-estimate (attention grows faster).
-    epoch_tokens = sum(lengths) / max(args.world_size, 1)
-    epoch_seconds = seconds * epoch_tokens / tokens
-    estimate = {"calibration_rows": len(longest), "calibration_tokens": tokens,
+    # Activations grow with tokens; AdamW's two moments come on top (gradients are inside the step).
+    peak = before + grown * max(worst / tokens, 1.0) + 2 * trainable
+    epoch_seconds = seconds * sum(lengths) / max(args.world_size, 1) / tokens
+    estimate = {"calibration_rows": len(rows), "calibration_tokens": tokens, "longest_batch_tokens": worst,
                 "calibration_seconds": round(seconds, 3), "est_epoch_seconds": round(epoch_seconds, 1),
                 "est_peak_memory_mb": round(peak / 2**20), "memory_capacity_mb": round(capacity / 2**20),
                 "device": args.device.type}
     where = "GPU" if gpu else "RAM"
-    log.info("pre-flight: %d longest rows (%d tokens) took %.1f s; estimated %s per epoch, peak %s %.1f GB of "
-             "%.1f GB", len(longest), tokens, seconds, _duration(epoch_seconds), where, peak / 2**30,
-             capacity / 2**30)
+    log.info("pre-flight: a step of %d rows (%d tokens) took %.1f s; estimated %s per epoch, peak %s %.1f GB "
+             "(longest batch) of %.1f GB", len(rows), tokens, seconds, _duration(epoch_seconds), where,
+             peak / 2**30, capacity / 2**30)
     if peak > capacity:
         log.warning("this run will likely not fit in %s: estimated peak %.1f GB, %.1f GB available; lower "
                     "--per_device_train_batch_size (raise --gradient_accumulation_steps to keep the batch), "
