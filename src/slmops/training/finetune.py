@@ -170,7 +170,7 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
             base_dtype = getattr(torch, cfg.torch_dtype)
         model = load_model(model_path, base_dtype, cfg.trust_remote_code)
     model.config.use_cache = False
-    if cfg.packing:
+    if cfg.packing and not on_gpu(cfg):  # measured on CPU; GPUs run masked attention over a packed row well
         use_segmented_attention(model)
     targets = cfg.target_modules or linear_module_names(model)
     if method.build is None:
