@@ -17,13 +17,15 @@ Method = Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "full"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 
-class FinetuneConfig(BaseModel):
+class DataConfig(BaseModel):
+    """The model (for its tokenizer) and how to read, render and split the data: what `finetune`
+    trains on and `data check` inspects."""
+
     model_config = ConfigDict(extra="forbid")
 
     # model
     model_name_or_path: str
     trust_remote_code: bool = False
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # data
     data_name: str | None = None
     data_files: list[str] | None = None
@@ -40,6 +42,46 @@ class FinetuneConfig(BaseModel):
     max_samples: int | None = None
     train_on_prompt: bool = False
     add_eos: bool = True
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        problems = self._problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _problems(self) -> list[str]:
+        """Every bad combination at once (subclasses add theirs)."""
+        problems = []
+        if self.text_template and self.text_field:
+            problems.append("--text_template and --text_field are exclusive: give one of them")
+        if self.use_chat_template and self.text_template:
+            problems.append("--use_chat_template renders message lists; drop --text_template "
+                            "(name the messages column with --text_field)")
+        if not (self.text_template or self.text_field or self.use_chat_template):
+            problems.append("say how to turn a row into text: --text_template, --text_field or "
+                            "--use_chat_template")
+        for name in ("max_seq_len", "max_eval_samples"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            problems.append(f"--max_samples must be a positive integer, got {self.max_samples}")
+        if not 0 < self.eval_fraction < 1:
+            problems.append(f"--eval_fraction must lie between 0 and 1, got {self.eval_fraction}")
+        return problems
+
+    @classmethod
+    def build(cls, **options: Any):
+        """Validate options, turning pydantic's report into one actionable line."""
+        try:
+            return cls(**options)
+        except ValidationError as err:
+            raise UsageError(_describe(err)) from None
+
+
+class FinetuneConfig(DataConfig):
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     packing: bool = True
     # method
     method: Method = "lora"
@@ -53,49 +95,22 @@ class FinetuneConfig(BaseModel):
     task_name: str | None = None
     overwrite: bool = False
     merge: bool = False
-    seed: int = 42
     early_stopping_patience: int | None = None
     resume_from_checkpoint: str | None = None
     logging_dir: str | None = None
     training_args: dict[str, Any] = {}
 
-    @model_validator(mode="after")
-    def _check_combinations(self) -> FinetuneConfig:
-        problems = []
-        sources = [n for n, v in (("--text_template", self.text_template), ("--text_field", self.text_field))
-                   if v]
-        if len(sources) > 1:
-            problems.append("--text_template and --text_field are exclusive: give one of them")
-        if self.use_chat_template and self.text_template:
-            problems.append("--use_chat_template renders message lists; drop --text_template "
-                            "(name the messages column with --text_field)")
-        if not (self.text_template or self.text_field or self.use_chat_template):
-            problems.append("say how to turn a row into text: --text_template, --text_field or "
-                            "--use_chat_template")
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if self.method == "full" and self.merge:
             problems.append("--merge has nothing to merge with --method full (it writes model/ already)")
-        for name in ("lora_r", "max_seq_len", "max_eval_samples"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.max_samples is not None and self.max_samples <= 0:
-            problems.append(f"--max_samples must be a positive integer, got {self.max_samples}")
-        if not 0 < self.eval_fraction < 1:
-            problems.append(f"--eval_fraction must lie between 0 and 1, got {self.eval_fraction}")
+        if self.lora_r <= 0:
+            problems.append(f"--lora_r must be a positive integer, got {self.lora_r}")
         if self.lora_alpha <= 0:
             problems.append(f"--lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    @classmethod
-    def build(cls, **options: Any) -> FinetuneConfig:
-        """Validate options, turning pydantic's report into one actionable line."""
-        try:
-            return cls(**options)
-        except ValidationError as err:
-            raise UsageError(_describe(err)) from None
+        return problems
 
 
 def _describe(err: ValidationError) -> str:

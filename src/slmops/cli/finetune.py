@@ -22,13 +22,48 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p = sub.add_parser("finetune", help="fine-tune a model on a dataset (LoRA, QLoRA, DoRA, ... or full)",
                        description="Fine-tune a causal language model. Accepts Olive's `finetune` flags and "
                                    "any Hugging Face TrainingArguments flag.")
+    model, data = add_data_args(p)
+    model.add_argument("--torch_dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="dtype of the frozen base weights (auto: bf16 where the hardware has it, else fp32)")
+    data.add_argument("--packing", type=str2bool, nargs="?", const=True, default=True,
+                   help="lay each batch's rows end to end without padding, attention kept inside each row, "
+                        "where the model supports it (default true; same examples and loss, less compute)")
+
+    a = p.add_argument_group("method")
+    a.add_argument("--method", default="lora", choices=METHODS, metavar="{" + ",".join(METHODS) + "}",
+                   help="fine-tuning method (default lora)")
+    a.add_argument("--lora_r", type=int, default=16, help="adapter rank (default 16)")
+    a.add_argument("--lora_alpha", type=float, default=32, help="adapter scaling numerator (default 32)")
+    a.add_argument("--lora_dropout", type=float, default=0.05, help="adapter dropout (default 0.05)")
+    a.add_argument("--target_modules", type=_csv,
+                   help="comma-separated layer names (default: every linear layer except the LM head)")
+    a.add_argument("--modules_to_save", type=_csv, help="comma-separated layers trained fully besides the adapter")
+
+    r = p.add_argument_group("run")
+    r.add_argument("-o", "--output_path", required=True, help="output folder (adapter/, model/, manifest.json)")
+    r.add_argument("--overwrite", "--overwrite_output_dir", type=str2bool, nargs="?", const=True, default=False,
+                   help="replace an existing --output_path")
+    r.add_argument("--merge", type=str2bool, nargs="?", const=True, default=False,
+                   help="also write the base model with the adapter merged in, as model/")
+    r.add_argument("--task_name", help="free label for this adapter (recorded in the manifest)")
+    r.add_argument("--early_stopping_patience", type=int,
+                   help="stop after this many evaluations without a better validation loss")
+    r.add_argument("--resume_from_checkpoint", help="checkpoint folder, or 'auto' for the latest in this run")
+    r.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
+    add_log_level(r)
+
+    if full:
+        _add_training_flags(p)
+    return {"finetune": handle}
+
+
+def add_data_args(p: argparse.ArgumentParser) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The model and data flags, shared by `finetune` and `data check`; returns the two groups."""
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model_name_or_path", required=True,
                    help="local Hugging Face folder, .gguf file, catalogue alias (slmops models list) or hub id")
     m.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
                    help="run the model repository's own Python code (off unless given)")
-    m.add_argument("--torch_dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="dtype of the frozen base weights (auto: bf16 where the hardware has it, else fp32)")
 
     d = p.add_argument_group("data")
     d.add_argument("-d", "--data_name", help="hub dataset, json|csv|parquet (with --data_files), or a path to a "
@@ -55,37 +90,9 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
                    help="compute the loss on the prompt as well as the response")
     d.add_argument("--add_eos", type=str2bool, nargs="?", const=True, default=True,
                    help="end each example with the EOS token so generation learns to stop (default true)")
-    d.add_argument("--packing", type=str2bool, nargs="?", const=True, default=True,
-                   help="lay each batch's rows end to end without padding, attention kept inside each row, "
-                        "where the model supports it (default true; same examples and loss, less compute)")
-
-    a = p.add_argument_group("method")
-    a.add_argument("--method", default="lora", choices=METHODS, metavar="{" + ",".join(METHODS) + "}",
-                   help="fine-tuning method (default lora)")
-    a.add_argument("--lora_r", type=int, default=16, help="adapter rank (default 16)")
-    a.add_argument("--lora_alpha", type=float, default=32, help="adapter scaling numerator (default 32)")
-    a.add_argument("--lora_dropout", type=float, default=0.05, help="adapter dropout (default 0.05)")
-    a.add_argument("--target_modules", type=_csv,
-                   help="comma-separated layer names (default: every linear layer except the LM head)")
-    a.add_argument("--modules_to_save", type=_csv, help="comma-separated layers trained fully besides the adapter")
-
-    r = p.add_argument_group("run")
-    r.add_argument("-o", "--output_path", required=True, help="output folder (adapter/, model/, manifest.json)")
-    r.add_argument("--overwrite", "--overwrite_output_dir", type=str2bool, nargs="?", const=True, default=False,
-                   help="replace an existing --output_path")
-    r.add_argument("--merge", type=str2bool, nargs="?", const=True, default=False,
-                   help="also write the base model with the adapter merged in, as model/")
-    r.add_argument("--task_name", help="free label for this adapter (recorded in the manifest)")
-    r.add_argument("--seed", type=int, default=42, help="seed for data split, init and order (default 42)")
-    r.add_argument("--early_stopping_patience", type=int,
-                   help="stop after this many evaluations without a better validation loss")
-    r.add_argument("--resume_from_checkpoint", help="checkpoint folder, or 'auto' for the latest in this run")
-    r.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
-    add_log_level(r)
-
-    if full:
-        _add_training_flags(p)
-    return {"finetune": handle}
+    d.add_argument("--seed", type=int, default=42,
+                   help="seed for the validation hold-out, initialisation and data order (default 42)")
+    return m, d
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 
 from datasets import Dataset
 
-from slmops.config import FinetuneConfig
+from collections import Counter
+
+from slmops.config import DataConfig
 from slmops.data.formatting import (IGNORE, Formatter, Template, Tokenized, chat_formatter,
                                     text_field_formatter, tokenize)
 from slmops.data.sources import hold_out, load_split
@@ -27,8 +29,12 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
-    """Everything between a dataset name and tensors, with a summary for the manifest."""
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    """Everything between a dataset name and tensors, with a summary for the manifest.
+
+    Also the data doctor's checks (`slmops data check` prints them): duplicates, rows shared by
+    the training and validation splits, label balance; warnings here, fatal problems raised.
+    """
     train_rows = load_split(cfg.data_name, cfg.data_files, cfg.train_split, cfg.train_subset)
     formatter, needed, response_field = _formatter(cfg, tokenizer, train_rows.column_names)
     train_rows = _drop_empty(train_rows, needed, cfg.train_split)
@@ -51,24 +57,56 @@ def prepare_data(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
 
     stats: dict[str, Any] = {"max_seq_len": cfg.max_seq_len}
     fingerprint = hashlib.sha256()
-    splits = {}
+    splits, texts = {}, {}
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         rendered = [formatter(row) for row in rows]
-        for text, _ in rendered:
+        texts[name] = [text for text, _ in rendered]
+        for text in texts[name]:
             fingerprint.update(text.encode())
             fingerprint.update(b"\0")
-        tok = tokenize([t for t, _ in rendered], [s for _, s in rendered], tokenizer, cfg.max_seq_len,
+        tok = tokenize(texts[name], [s for _, s in rendered], tokenizer, cfg.max_seq_len,
                        cfg.train_on_prompt, cfg.add_eos, add_special_tokens=not cfg.use_chat_template)
         _report(name, len(rows), tok, cfg.max_seq_len)
         if not tok.input_ids:
-            raise UsageError(f"no {name} rows left: all {len(rows)} lost their response to truncation at "
-                             f"--max_seq_len {cfg.max_seq_len}; raise --max_seq_len")
+            raise UsageError(_nothing_to_learn(name, len(rows), tok, cfg.max_seq_len))
         splits[name] = Dataset.from_dict({"input_ids": tok.input_ids, "labels": tok.labels})
         stats[name] = {"rows": len(tok.input_ids), "truncated": tok.truncated, "dropped": tok.dropped,
                        "tokens": sum(map(len, tok.input_ids)),
                        "supervised_tokens": sum(sum(1 for x in lab if x != IGNORE) for lab in tok.labels)}
     stats["fingerprint"] = fingerprint.hexdigest()
+    stats["checks"] = _checks(texts, train_rows[response_field] if response_field else None)
     return PreparedData(splits["train"], splits["eval"], stats)
+
+
+def _nothing_to_learn(name: str, rows: int, tok: Tokenized, max_len: int) -> str:
+    if tok.no_response == tok.dropped:
+        return (f"no {name} row has anything to learn: none of the {rows} rows renders a response (with "
+                f"--use_chat_template: an assistant turn); check the data, or add --train_on_prompt")
+    return (f"no {name} rows left: {tok.dropped - tok.no_response} of {rows} lost their response to truncation "
+            f"at --max_seq_len {max_len}; raise --max_seq_len")
+
+
+def _checks(texts: dict[str, list[str]], labels: list | None) -> dict[str, Any]:
+    """Duplicates, train/validation overlap (leakage) and label balance; warns on each problem."""
+    train = Counter(texts["train"])
+    duplicates = sum(n - 1 for n in train.values())
+    overlap = sum(1 for t in texts["eval"] if t in train)
+    checks: dict[str, Any] = {"duplicate_train_rows": duplicates, "eval_rows_in_train": overlap}
+    if duplicates:
+        log.warning("train: %d rows repeat an earlier row exactly (%.1f%%); they weigh more in training",
+                    duplicates, 100 * duplicates / len(texts["train"]))
+    if overlap:
+        log.warning("eval: %d of %d validation rows also appear in the training rows: the validation loss "
+                    "will look better than it is; hold out other rows", overlap, len(texts["eval"]))
+    counts = Counter(map(str, labels or []))
+    if counts and len(counts) <= MAX_STRATIFY_CLASSES:
+        checks["label_counts"] = dict(counts.most_common())
+        ratio = max(counts.values()) / min(counts.values())
+        checks["label_imbalance"] = round(ratio, 2)
+        if ratio >= 10:
+            log.warning("train: labels are imbalanced %.0f:1 (%s); the model may learn to answer the common "
+                        "label", ratio, ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return checks
 
 
 def _formatter(cfg: FinetuneConfig, tokenizer: Any, columns: list[str]) -> tuple[Formatter, list[str], str | None]:

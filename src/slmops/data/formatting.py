@@ -118,7 +118,8 @@ class Tokenized:
     input_ids: list[list[int]]
     labels: list[list[int]]
     truncated: int
-    dropped: int
+    dropped: int  # rows left with nothing to learn, of which:
+    no_response: int  # ... had none before truncation (e.g. a conversation without an assistant turn)
 
 
 def tokenize(texts: list[str], spans: list[list[Span]], tokenizer: Any, max_len: int,
@@ -126,7 +127,7 @@ def tokenize(texts: list[str], spans: list[list[Span]], tokenizer: Any, max_len:
              batch_size: int = 1000) -> Tokenized:
     """Token ids plus labels; rows whose response is cut away entirely are dropped and counted."""
     eos = tokenizer.eos_token_id if add_eos else None
-    out = Tokenized([], [], 0, 0)
+    out = Tokenized([], [], 0, 0, 0)
     for lo in range(0, len(texts), batch_size):
         enc = tokenizer(texts[lo: lo + batch_size], return_offsets_mapping=True,
                         add_special_tokens=add_special_tokens)
@@ -135,11 +136,13 @@ def tokenize(texts: list[str], spans: list[list[Span]], tokenizer: Any, max_len:
                       for tid, off in zip(ids, offsets)]
             if eos is not None and (not ids or ids[-1] != eos):
                 ids, labels = ids + [eos], labels + [eos]
+            empty = all(lab == IGNORE for lab in labels[1:])
             if len(ids) > max_len:
                 out.truncated += 1
                 ids, labels = ids[:max_len], labels[:max_len]
             if all(lab == IGNORE for lab in labels[1:]):
                 out.dropped += 1
+                out.no_response += empty
                 continue
             out.input_ids.append(ids)
             out.labels.append(labels)

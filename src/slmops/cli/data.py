@@ -1,0 +1,29 @@
+"""`slmops data check`: the data doctor, with the same data flags as `finetune`."""
+
+from __future__ import annotations
+
+import argparse
+
+from slmops.cli import add_log_level
+from slmops.cli.finetune import add_data_args
+
+
+def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
+    p = sub.add_parser("data", help="inspect training data (data check)", description="Data tools.")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=type(p))
+    check = actions.add_parser("check", help="row counts, lengths, truncation, supervised share, label balance, "
+                                             "duplicates, train/validation overlap and a rendered example",
+                               description="Prepare the data exactly as `slmops finetune` would and report "
+                                           "what it finds; fatal problems exit with status 2.")
+    add_data_args(check)
+    add_log_level(check)
+    return {"data": handle}
+
+
+def handle(args: argparse.Namespace) -> int:
+    from slmops.config import DataConfig
+    from slmops.data.doctor import check
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "action", "log_level")}
+    print(check(DataConfig.build(**options)))
+    return 0
