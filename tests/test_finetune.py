@@ -158,10 +158,20 @@ def test_early_stopping_and_eval_steps(tiny_llama, sentiment_file, tmp_path):
     assert evals and max(r["step"] for r in records) < 40
 
 
-def test_tensorboard_logs_written(tiny_llama, sentiment_file, tmp_path):
+def test_tensorboard_and_metrics_carry_loss_and_resources(tiny_llama, sentiment_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     logs = tmp_path / "tb"
-    run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=2, report_to="tensorboard", logging_dir=str(logs))
-    assert any(p.name.startswith("events.out.tfevents") for p in logs.rglob("*"))
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=2, report_to="tensorboard",
+              logging_dir=str(logs), eval_steps=2)
+    events = next(p for p in logs.rglob("*") if p.name.startswith("events.out.tfevents"))
+    tags = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/rss_mb", "train/cpu_percent", "eval/loss", "eval/rss_mb"} <= set(tags)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+    for record in records:  # training and evaluation events alike
+        pre = "eval_" if "eval_loss" in record else ""
+        assert record[pre + "rss_mb"] > 50 and 0 <= record[pre + "cpu_percent"] <= 100
 
 
 def test_tensorboard_default_folder_is_inside_output(tiny_llama, sentiment_file, tmp_path):
@@ -238,3 +248,20 @@ def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentimen
     with caplog.at_level("WARNING"):
         run(tiny_llama, sentiment_file, tmp_path / "out2", max_steps=1, eval_split="train[:4]")
     assert "will likely not fit in RAM" in caplog.text
+
+
+def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sentiment_file, tmp_path, caplog,
+                                                                 monkeypatch):
+    from slmops.evaluation import forgetting
+
+    monkeypatch.setattr(forgetting, "WARN_RATIO", 1.0)  # any rise warns: the tiny model's text gets harder
+    with caplog.at_level("WARNING"):
+        out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=6, learning_rate=5e-2,
+                  eval_split="train[:4]")
+    check = json.loads((out / "manifest.json").read_text())["results"]["forgetting"]
+    before, after = check["reference_perplexity_before"], check["reference_perplexity_after"]
+    # before: the untouched random model, close to uniform over its 399 tokens
+    assert 200 < before < 800 and after != before
+    assert check["ratio"] == pytest.approx(after / before, rel=1e-3)
+    assert ("may be forgetting" in caplog.text) == (after > before)
+    assert len(forgetting.reference_text()) > 2000

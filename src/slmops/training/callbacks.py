@@ -11,6 +11,8 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -39,6 +41,32 @@ class MetricsLog(TrainerCallback):
             self._last = (now, tokens)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+class Resources(TrainerCallback):
+    """Adds resource use to every log event, training and evaluation, so metrics.jsonl and TensorBoard
+    both carry it: resident memory, CPU use since the previous event (100 = every core busy), and on
+    CUDA the peak GPU memory since the previous event and the GPU's utilisation. Must run first."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.cores = len(self.proc.cpu_affinity()) if hasattr(self.proc, "cpu_affinity") else psutil.cpu_count()
+        self.proc.cpu_percent(None)  # starts the CPU-time window
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        pre = "eval_" if any(k.startswith("eval_") for k in logs) else ""  # TensorBoard: eval/... vs train/...
+        logs[pre + "rss_mb"] = round(self.proc.memory_info().rss / 2**20, 1)
+        # over windows of a few ms the CPU-time clock's granularity can overshoot: cap at all cores busy
+        logs[pre + "cpu_percent"] = round(min(100.0, self.proc.cpu_percent(None) / (self.cores or 1)), 1)
+        if torch.cuda.is_available() and args.device.type == "cuda":
+            logs[pre + "gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(args.device) / 2**20, 1)
+            torch.cuda.reset_peak_memory_stats(args.device)
+            try:
+                logs[pre + "gpu_utilization"] = torch.cuda.utilization(args.device)
+            except Exception:  # needs NVML (pynvml); memory alone is still worth logging
+                pass
 
 
 class Progress(TrainerCallback):

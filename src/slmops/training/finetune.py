@@ -23,11 +23,12 @@ from slmops.config import FinetuneConfig
 from slmops.data import prepare_data
 from slmops.data.collate import Collator
 from slmops.errors import UsageError, first_line
+from slmops.evaluation import forgetting
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
 from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
-from slmops.training.callbacks import GracefulStop, MetricsLog, Progress
+from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
 from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
                                         use_segmented_attention)
 from slmops.training.preflight import preflight
@@ -81,10 +82,12 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
                       callbacks=[metrics_log, Progress(), stop, *extra, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    trainer.callback_handler.callbacks.insert(0, Resources())  # before TensorBoard and metrics.jsonl see the logs
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback):  # transformers 5 dropped TrainingArguments.logging_dir
             cb.logging_dir = str(Path(cfg.logging_dir or work / "logs").expanduser())
     estimate = preflight(trainer, amp)
+    general_before = forgetting.reference_perplexity(model, tokenizer) if trainer.is_world_process_zero() else None
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -96,6 +99,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     eval_metrics = _final_eval(trainer)
     if not trainer.is_world_process_zero():
         return out
+    general = forgetting.compare(general_before, forgetting.reference_perplexity(
+        trainer.accelerator.unwrap_model(trainer.model), tokenizer))
     _save(cfg, trainer, tokenizer, model_path, work)
     runtime = result.metrics.get("train_runtime") or 1e-9
     results = {
@@ -109,6 +114,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "tokens_per_second": round((trainer.state.num_input_tokens_seen - metrics_log.tokens_at_start) / runtime, 2),
         **peak_memory_mb(),
         "preflight": estimate,
+        "forgetting": general,
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
         "model_path": model_path, "target_modules": targets, "packing": packing, "autocast_dtype": str(amp).removeprefix("torch."),
