@@ -7,7 +7,7 @@ Our own options are fields; every Hugging Face `TrainingArguments` option travel
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -72,7 +72,7 @@ class DataConfig(BaseModel):
         return problems
 
     @classmethod
-    def build(cls, **options: Any):
+    def build(cls, **options: Any) -> Self:
         """Validate options, turning pydantic's report into one actionable line."""
         try:
             return cls(**options)

@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     model.add_argument("--torch_dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="dtype of the frozen base weights (auto: bf16 where the hardware has it, else fp32)")
     data.add_argument("--packing", type=str2bool, nargs="?", const=True, default=True,
-                   help="lay each batch's rows end to end without padding, attention kept inside each row, "
-                        "where the model supports it (default true; same examples and loss, less compute)")
+                      help="lay each batch's rows end to end without padding, attention kept inside each row, "
+                           "where the model supports it (default true; same examples and loss, less compute)")
 
     a = p.add_argument_group("method")
     a.add_argument("--method", default="lora", choices=METHODS, metavar="{" + ",".join(METHODS) + "}",

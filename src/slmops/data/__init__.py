@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from collections import Counter
 from typing import Any
 
 from datasets import Dataset
-
-from collections import Counter
 
 from slmops.config import DataConfig
 from slmops.data.formatting import (IGNORE, Formatter, Template, Tokenized, chat_formatter,
@@ -109,7 +108,7 @@ def _checks(texts: dict[str, list[str]], labels: list | None) -> dict[str, Any]:
     return checks
 
 
-def _formatter(cfg: FinetuneConfig, tokenizer: Any, columns: list[str]) -> tuple[Formatter, list[str], str | None]:
+def _formatter(cfg: DataConfig, tokenizer: Any, columns: list[str]) -> tuple[Formatter, list[str], str | None]:
     if cfg.text_template:
         template = Template.parse(cfg.text_template)
         template.check_columns(columns)

@@ -1,6 +1,6 @@
 """Batches for causal-LM training: padding-free packing, or dynamic padding as the fallback.
 
-Both collators also mark the positions whose next token is supervised (`logits_to_keep`), so the
+Either way the collator also marks the positions whose next token is supervised (`logits_to_keep`), so the
 model projects only those hidden states onto the vocabulary: with a 49k-token head and a one-word
 answer, the head at every position is a fifth of the model's work spent on nothing.
 """

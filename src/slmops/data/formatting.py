@@ -136,13 +136,15 @@ def tokenize(texts: list[str], spans: list[list[Span]], tokenizer: Any, max_len:
                       for tid, off in zip(ids, offsets)]
             if eos is not None and (not ids or ids[-1] != eos):
                 ids, labels = ids + [eos], labels + [eos]
-            empty = all(lab == IGNORE for lab in labels[1:])
+            no_response = all(lab == IGNORE for lab in labels[1:])
+            cut_away = False
             if len(ids) > max_len:
                 out.truncated += 1
                 ids, labels = ids[:max_len], labels[:max_len]
-            if all(lab == IGNORE for lab in labels[1:]):
+                cut_away = not no_response and all(lab == IGNORE for lab in labels[1:])
+            if no_response or cut_away:
                 out.dropped += 1
-                out.no_response += empty
+                out.no_response += no_response
                 continue
             out.input_ids.append(ids)
             out.labels.append(labels)

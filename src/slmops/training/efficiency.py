@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmops.data.collate import Collator
 from slmops.data.formatting import IGNORE
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ def supports_packing(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return False
-    from slmops.data.collate import Collator
-
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5)]

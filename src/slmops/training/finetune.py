@@ -117,8 +117,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "forgetting": general,
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
-        "model_path": model_path, "target_modules": targets, "packing": packing, "autocast_dtype": str(amp).removeprefix("torch."),
-        "device": str(args.device), "world_size": args.world_size,
+        "model_path": model_path, "target_modules": targets, "packing": packing,
+        "autocast_dtype": str(amp).removeprefix("torch."), "device": str(args.device), "world_size": args.world_size,
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
     _publish(work, out)
