@@ -265,3 +265,39 @@ def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sen
     assert check["ratio"] == pytest.approx(after / before, rel=1e-3)
     assert ("may be forgetting" in caplog.text) == (after > before)
     assert len(forgetting.reference_text()) > 2000
+
+
+def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeated_batch, tmp_path):
+    from peft import PeftModel
+
+    from slmops.config import DataConfig
+    from slmops.data import prepare_data
+    from slmops.data.formatting import IGNORE
+
+    out = run(tiny_llama, repeated_batch, tmp_path / "out", max_steps=12, eval_split="train[:8]",
+              eval_metrics=["accuracy"], eval_steps=6)
+    results = json.loads((out / "manifest.json").read_text())["results"]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "eval_accuracy" in e] == [0, 6, 12]  # before, during, after
+
+    # independent check: decode each validation row greedily, one token at a time, with the saved adapter
+    tok = AutoTokenizer.from_pretrained(out / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter").eval()
+    rows = prepare_data(DataConfig(model_name_or_path=str(tiny_llama), data_name=str(repeated_batch),
+                                   eval_split="train[:8]", text_template=TEMPLATE), tok).eval
+    hits = []
+    for row in rows:
+        start = next(i for i, lab in enumerate(row["labels"]) if lab != IGNORE)
+        ids = row["input_ids"][:start]
+        for _ in range(len(row["input_ids"]) - start):
+            with torch.no_grad():
+                ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+        hits.append(ids == row["input_ids"])
+    assert results["eval_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert results["eval_before"]["eval_accuracy"] < results["eval_accuracy"]
+    assert results["eval_before"]["eval_loss"] > results["eval_loss"]
+
+
+def test_unknown_eval_metric_is_refused(tiny_llama, sentiment_file, tmp_path):
+    with pytest.raises(UsageError, match="unknown metric.*bleu; known: accuracy"):
+        run(tiny_llama, sentiment_file, tmp_path / "out", eval_metrics=["bleu"])

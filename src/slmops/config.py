@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from slmops.errors import UsageError
 
+EVAL_METRICS = ("accuracy",)  # computed in slmops.training.metrics
 Method = Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "full"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
@@ -96,6 +97,7 @@ class FinetuneConfig(DataConfig):
     overwrite: bool = False
     merge: bool = False
     early_stopping_patience: int | None = None
+    eval_metrics: list[str] | None = None
     resume_from_checkpoint: str | None = None
     logging_dir: str | None = None
     training_args: dict[str, Any] = {}
@@ -110,6 +112,10 @@ class FinetuneConfig(DataConfig):
             problems.append(f"--lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        unknown = sorted(set(self.eval_metrics or ()) - set(EVAL_METRICS))
+        if unknown:
+            problems.append(f"--eval_metrics: unknown metric(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(EVAL_METRICS)}")
         return problems
 
 

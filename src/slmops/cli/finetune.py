@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     r.add_argument("--task_name", help="free label for this adapter (recorded in the manifest)")
     r.add_argument("--early_stopping_patience", type=int,
                    help="stop after this many evaluations without a better validation loss")
+    r.add_argument("--eval_metrics", type=_csv, help="task metrics at each evaluation besides the loss: "
+                                                     "accuracy (responses greedy decoding gets exactly right)")
     r.add_argument("--resume_from_checkpoint", help="checkpoint folder, or 'auto' for the latest in this run")
     r.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
     add_log_level(r)

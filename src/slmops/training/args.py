@@ -82,6 +82,7 @@ def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dt
         "save_steps": 500,
         "report_to": "none",
         "include_num_input_tokens_seen": "non_padding",
+        "eval_on_start": True,  # the untrained model's validation metrics: every run reports before -> after
         "remove_unused_columns": False,
         "dataloader_pin_memory": on_gpu(cfg),
     }

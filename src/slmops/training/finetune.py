@@ -31,6 +31,7 @@ from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
 from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
                                         use_segmented_attention)
+from slmops.training.metrics import compute_metrics, response_correct
 from slmops.training.preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     metrics_log = MetricsLog(work / "metrics.jsonl")
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=collator, compute_loss_func=causal_lm_loss, processing_class=tokenizer,
+                      compute_metrics=compute_metrics if cfg.eval_metrics else None,
+                      preprocess_logits_for_metrics=response_correct if cfg.eval_metrics else None,
                       callbacks=[metrics_log, Progress(), stop, *extra, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -106,6 +109,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     results = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
+        **{k: eval_metrics[k] for k in eval_metrics if k.startswith("eval_") and k[5:] in (cfg.eval_metrics or ())},
+        "eval_before": _before(trainer, cfg.eval_metrics or ()),
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "wall_time_s": round(time.perf_counter() - started, 2),
@@ -122,9 +127,17 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
     _publish(work, out)
-    log.info("train loss %.4f, eval loss %.4f, %.0f tokens/s, %.0f s; wrote %s", results["train_loss"],
-             results["eval_loss"] or float("nan"), results["tokens_per_second"], results["wall_time_s"], out)
+    changes = "; ".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}"
+                        for k, v in results["eval_before"].items() if results.get(k) is not None)
+    log.info("train loss %.4f; %s; %.0f tokens/s, %.0f s; wrote %s", results["train_loss"], changes,
+             results["tokens_per_second"], results["wall_time_s"], out)
     return out
+
+
+def _before(trainer: Trainer, metrics: Sequence[str]) -> dict:
+    """The validation metrics of the untrained model (`eval_on_start`), for "before -> after" reports."""
+    first = next((e for e in trainer.state.log_history if "eval_loss" in e), {})
+    return {k: v for k, v in first.items() if k == "eval_loss" or k[5:] in metrics} if first.get("step") == 0 else {}
 
 
 def _final_eval(trainer: Trainer) -> dict:
