@@ -279,6 +279,11 @@ def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeat
     results = json.loads((out / "manifest.json").read_text())["results"]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "eval_accuracy" in e] == [0, 6, 12]  # before, during, after
+    # tokens/s counts training time only, not the evaluations inside the trainer's clock
+    evals = sum(e["eval_runtime"] for e in events if "eval_runtime" in e)
+    assert results["eval_seconds_in_training"] == pytest.approx(evals, abs=0.01) and evals > 0
+    assert results["tokens_per_second"] == pytest.approx(
+        results["train_tokens"] / (results["train_runtime_s"] - evals), rel=1e-2)
 
     # independent check: decode each validation row greedily, one token at a time, with the saved adapter
     tok = AutoTokenizer.from_pretrained(out / "adapter")

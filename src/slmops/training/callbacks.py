@@ -25,6 +25,7 @@ class MetricsLog(TrainerCallback):
         self._start = time.perf_counter()
         self._last = (self._start, 0)
         self.tokens_at_start = 0  # > 0 when resuming: this session's tokens are the difference
+        self.eval_seconds = 0.0  # evaluations inside this session's training time
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
@@ -34,6 +35,7 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
+        self.eval_seconds += logs.get("eval_runtime", 0.0)
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         record = {"step": state.global_step, "epoch": state.epoch, "time_s": round(now - self._start, 3), **logs}
         if "loss" in logs and now > self._last[0]:

@@ -106,6 +106,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         trainer.accelerator.unwrap_model(trainer.model), tokenizer))
     _save(cfg, trainer, tokenizer, model_path, work)
     runtime = result.metrics.get("train_runtime") or 1e-9
+    training = max(runtime - metrics_log.eval_seconds, 1e-9)  # tokens/s counts training, not evaluations
     results = {
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
@@ -115,8 +116,9 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "epoch": trainer.state.epoch,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "train_runtime_s": runtime,
+        "eval_seconds_in_training": round(metrics_log.eval_seconds, 2),
         "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_second": round((trainer.state.num_input_tokens_seen - metrics_log.tokens_at_start) / runtime, 2),
+        "tokens_per_second": round((trainer.state.num_input_tokens_seen - metrics_log.tokens_at_start) / training, 2),
         **peak_memory_mb(),
         "preflight": estimate,
         "forgetting": general,
