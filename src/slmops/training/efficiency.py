@@ -27,18 +27,21 @@ from slmops.data.formatting import IGNORE
 log = logging.getLogger(__name__)
 
 
-def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
-    """Token cross-entropy on the supervised positions, normalised like transformers' own loss.
-
-    `outputs.logits` is either (positions kept, vocab) from `logits_to_keep`, or the full
-    (batch, length, vocab) when the model cannot skip positions.
-    """
+def supervised_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is supervised, those tokens, and the (batch, length - 1)
+    mask of the positions. `logits` is either (positions kept, vocab) from `logits_to_keep`, or the full
+    (batch, length, vocab) when the model cannot skip positions."""
     targets = labels[..., 1:]
     supervised = targets != IGNORE
-    logits = outputs.logits
     if logits.dim() == 3:
         logits = logits[:, :-1][supervised]
-    loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+    return logits, targets[supervised], supervised
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+    """Token cross-entropy on the supervised positions, normalised like transformers' own loss."""
+    logits, targets, supervised = supervised_logits(outputs.logits, labels)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1))
 
 

@@ -11,18 +11,16 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from slmops.data.formatting import IGNORE
+from slmops.training.efficiency import supervised_logits
+
 
 def response_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per response (a run of supervised tokens): 1 if every token is the arg-max, else 0.
 
     `logits` are at the supervised positions only (as `causal_lm_loss` receives them) or full.
     """
-    targets = labels[..., 1:]
-    supervised = targets != IGNORE
-    if logits.dim() == 3:
-        logits = logits[:, :-1][supervised]
-    hit = logits.argmax(-1) == targets[supervised]
+    logits, targets, supervised = supervised_logits(logits, labels)
+    hit = logits.argmax(-1) == targets
     # a response starts wherever a supervised position follows an unsupervised one (or opens the row)
     starts = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[..., :-1]
     response = starts[supervised].cumsum(0) - 1
