@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 from transformers import TextStreamer
 
-from slmops.errors import UsageError, first_line
-from slmops.models.loading import load_model, load_tokenizer, resolve
+from slmops.errors import UsageError
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
 
 
 def adapter_dir(path: str) -> Path:
@@ -47,12 +47,7 @@ def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: s
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = load_model(path, dtype, trust_remote_code, device_map="cuda" if torch.cuda.is_available() else None)
     if adapter is not None:
-        from peft import PeftModel
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UsageError(f"adapter {adapter} does not fit model {model_name_or_path} "
-                             f"({first_line(err)[:160]}); pass the base model it was trained on") from None
+        model = attach_adapter(model, adapter, model_name_or_path)
     model.eval()
     if chat:
         if not tokenizer.chat_template:

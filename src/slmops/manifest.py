@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "bitsandbytes")
+PACKAGES = ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "bitsandbytes",
+            "onnx", "onnxruntime", "onnxruntime-genai")
 
 
 def versions() -> dict[str, str | None]:

@@ -35,7 +35,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     the training and validation splits, label balance; warnings here, fatal problems raised.
     """
     train_rows = load_split(cfg.data_name, cfg.data_files, cfg.train_split, cfg.train_subset)
-    formatter, needed, response_field = _formatter(cfg, tokenizer, train_rows.column_names)
+    formatter, needed, response_field = formatter_for(cfg, tokenizer, train_rows.column_names)
     train_rows = _drop_empty(train_rows, needed, cfg.train_split)
     if cfg.max_samples:
         train_rows = train_rows.select(range(min(cfg.max_samples, len(train_rows))))
@@ -108,7 +108,8 @@ def _checks(texts: dict[str, list[str]], labels: list | None) -> dict[str, Any]:
     return checks
 
 
-def _formatter(cfg: DataConfig, tokenizer: Any, columns: list[str]) -> tuple[Formatter, list[str], str | None]:
+def formatter_for(cfg: DataConfig, tokenizer: Any, columns: list[str]) -> tuple[Formatter, list[str], str | None]:
+    """How rows become text for these data options: (formatter, fields it needs, response field or None)."""
     if cfg.text_template:
         template = Template.parse(cfg.text_template)
         template.check_columns(columns)

@@ -70,6 +70,17 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
         raise _not_found(path, err) from None
 
 
+def attach_adapter(model: nn.Module, adapter: Path, base_name: str) -> nn.Module:
+    """`model` wrapped with the PEFT adapter in `adapter`; an adapter made for another base is one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UsageError(f"adapter {adapter} does not fit model {base_name} ({first_line(err)[:160]}); "
+                         f"pass the base model it was trained on") from None
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Leaf names of every linear layer except the LM head: our default LoRA targets."""
     from transformers.pytorch_utils import Conv1D

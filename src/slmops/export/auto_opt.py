@@ -1,0 +1,83 @@
+"""`slmops auto-opt`: a model (plus adapter) -> an ONNX Runtime GenAI folder that passed the parity gate."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from slmops.errors import UsageError
+from slmops.export import parity
+from slmops.export.builder import PRECISIONS, build, check_provider
+from slmops.export.runtime import GenaiModel
+from slmops.export.source import find_source, load_reference, save_for_builder
+from slmops.manifest import write_manifest
+from slmops.outputs import publish, refuse_existing, work_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+
+
+class ParityError(Exception):
+    """The export ran but does not answer like the PyTorch model; the folder is kept as OUT.failed."""
+
+
+def check_flags(output_path: str, device: str, provider: str | None, precision: str, overwrite: bool) -> tuple[Path, str]:
+    """Everything that can be refused before a model is loaded: (output folder, builder provider)."""
+    if device not in DEFAULT_PROVIDER:
+        raise UsageError(f"--device {device}: choose cpu or gpu")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    out = Path(output_path).expanduser()
+    refuse_existing(out, overwrite)
+    return out, check_provider(provider or DEFAULT_PROVIDER[device], device)
+
+
+def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
+             device: str = "cpu", provider: str | None = None, precision: str = "fp32",
+             trust_remote_code: bool = False, overwrite: bool = False, parity_prompts: int = 16) -> Path:
+    """Export, check parity, and publish `output_path`; raises ParityError below the precision's thresholds."""
+    started = time.perf_counter()
+    out, ep = check_flags(output_path, device, provider, precision, overwrite)
+    source = find_source(model_name_or_path, adapter_path)
+    model, tokenizer = load_reference(source, trust_remote_code)
+    work = work_dir(out)
+    try:
+        with tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}-merged-") as tmp:
+            log.info("exporting %s%s to ONNX (%s, %s)", source.base, f" + {source.adapter}" if source.adapter else "",
+                     precision, provider or DEFAULT_PROVIDER[device])
+            build(save_for_builder(model, tokenizer, source, Path(tmp)), work, precision, ep, {},
+                  trust_remote_code)
+        built = time.perf_counter()
+        items, origin = parity.probes(tokenizer, source.manifest, parity_prompts)
+        result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
+        parity.write(work, [result])
+        write_manifest(work / "manifest.json", "auto-opt", {
+            "model_name_or_path": model_name_or_path, "adapter_path": adapter_path, "device": device,
+            "provider": provider or DEFAULT_PROVIDER[device], "precision": precision, "use_ort_genai": True,
+            "trust_remote_code": trust_remote_code, "parity_prompts": parity_prompts,
+        }, {"base_model": source.base, "adapter": str(source.adapter) if source.adapter else None,
+            "adapter_merged": source.adapter is not None}, {}, {
+            "parity": result, "export_seconds": round(built - started, 2),
+            "wall_time_s": round(time.perf_counter() - started, 2), "size_mb": folder_mb(work)})
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info(parity.verdict(result))
+    if not result["passed"]:
+        failed = out.with_name(out.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        work.rename(failed)
+        raise ParityError(f"the {precision} export does not match the PyTorch model closely enough (see "
+                          f"{failed}/parity.json); it was not published to {out}. Try a higher --precision")
+    publish(work, out)
+    log.info("wrote %s (%.0f MB) in %.0f s", out, folder_mb(out), time.perf_counter() - started)
+    return out
+
+
+def folder_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1)
+

@@ -1,0 +1,76 @@
+"""onnxruntime-genai's model builder (the exporter Olive uses), called in-process and kept quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from slmops.errors import UsageError, first_line
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PROVIDERS = {  # provider -> (builder execution provider, device, what to install when it is missing)
+    "CPUExecutionProvider": ("cpu", "cpu", "onnxruntime-genai"),
+    "CUDAExecutionProvider": ("cuda", "gpu", "onnxruntime-genai-cuda (pip install onnxruntime-genai-cuda)"),
+    "DmlExecutionProvider": ("dml", "gpu", "onnxruntime-genai-directml on Windows (pip install onnxruntime-genai-directml)"),
+}
+
+
+def check_provider(provider: str, device: str) -> str:
+    """The builder's name for `provider`; refuses one this machine cannot run (parity needs to run it)."""
+    if provider not in PROVIDERS:
+        raise UsageError(f"--provider {provider}: unknown; choose one of {', '.join(PROVIDERS)}")
+    ep, provider_device, package = PROVIDERS[provider]
+    if provider_device != device:
+        raise UsageError(f"--provider {provider} runs on {provider_device}, not --device {device}; "
+                         f"change one of them")
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise UsageError("onnxruntime-genai is not installed; pip install onnxruntime-genai") from None
+    available = {"cpu": True, "cuda": og.is_cuda_available(), "dml": og.is_dml_available()}[ep]
+    if not available:
+        raise UsageError(f"--provider {provider} is not available in the installed onnxruntime-genai; "
+                         f"install {package}, or use --device cpu --provider CPUExecutionProvider")
+    return ep
+
+
+def build(hf_dir: Path, out_dir: Path, precision: str, ep: str, options: dict[str, str],
+          trust_remote_code: bool = False) -> None:
+    """Write model.onnx, genai_config.json and the tokenizer files for the model in `hf_dir`.
+
+    The builder prints pages of progress; it goes to out_dir/build.log (shown at --log_level 0).
+    """
+    from onnxruntime_genai.models import builder
+
+    extra = [f"{k}={v}" for k, v in {"hf_remote": str(trust_remote_code).lower(), "hf_token": "false",
+                                     **options}.items()]
+    cache = out_dir / ".builder-cache"
+    log_path = out_dir / "build.log"
+    with open(log_path, "w", encoding="utf-8") as sink:
+        quiet = log.getEffectiveLevel() > logging.DEBUG
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(), \
+                contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext():
+            try:
+                parsed = builder.parse_extra_options(None, str(hf_dir), str(out_dir), precision, ep, str(cache),
+                                                     extra)
+                builder.create_model(None, str(hf_dir), str(out_dir), precision, ep, str(cache), **parsed)
+            except NotImplementedError as err:
+                raise UsageError(_unsupported(hf_dir, err)) from None
+    _remove_tree(cache)
+
+
+def _unsupported(hf_dir: Path, err: Exception) -> str:
+    import json
+
+    arch = (json.loads((hf_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
+    return (f"the ONNX model builder cannot export architecture {arch} ({first_line(err)}); it supports the "
+            f"Llama, Mistral, Qwen, Phi, Gemma, SmolLM3, Granite, OLMo, Nemotron and ChatGLM families")
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,277 @@
+"""`slmops generate-adapter`: one ONNX base whose LoRA weights are graph inputs, one file per adapter.
+
+How the graph learns which input is which adapter tensor: the builder is given a rank-1 "union"
+adapter covering every adapted layer, whose weights are codes (A of layer k is all k+1; B's row j
+is (k+1)*CODE_STRIDE + j). Reading the codes back from the built graph maps each ONNX weight,
+including any the builder split (packed q/k/v), to an adapter tensor and rows, for any
+architecture the builder knows, without relying on its naming. Those weights then become inputs
+whose defaults have rank 0, so the model runs as the plain base when no adapter is active.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmops.errors import UsageError
+from slmops.export import parity
+from slmops.export.auto_opt import ParityError, check_flags, folder_mb
+from slmops.export.builder import build
+from slmops.export.runtime import ADAPTER_SUFFIX, GenaiModel
+from slmops.export.source import run_manifest
+from slmops.generation import adapter_dir
+from slmops.manifest import write_manifest
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
+from slmops.outputs import publish, work_dir
+
+log = logging.getLogger(__name__)
+
+CODE_STRIDE = 1 << 15  # larger than any adapted layer's output size we accept
+RANK = "lora_r"
+
+
+@dataclass
+class Adapter:
+    name: str
+    folder: Path
+    manifest: dict | None
+    tensors: dict[str, dict[str, np.ndarray]]  # module path -> {"A": [r, in], "B": [out, r] * scaling}
+
+
+def read_adapter(path: str, name: str | None) -> Adapter:
+    """A LoRA adapter's tensors by module, scaling folded into B (as the builder does)."""
+    from safetensors.numpy import load_file
+
+    folder = adapter_dir(path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    manifest = run_manifest(folder.parent)
+    name = name or (manifest or {}).get("options", {}).get("task_name") or (
+        folder.parent.name if folder.name == "adapter" else folder.name)
+    problem = _unsupported(config)
+    if problem:
+        raise UsageError(f"adapter {path}: {problem}; generate-adapter switches plain LoRA adapters only")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"adapter {path}: no adapter_model.safetensors in {folder}; pass the folder "
+                         f"`slmops finetune` wrote")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(weights)).items():
+        module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        side = part.split(".")[0]
+        if side in ("A", "B"):
+            tensors.setdefault(module, {})[side] = value.astype(np.float32) * (scaling if side == "B" else 1.0)
+    return Adapter(name, folder, manifest, tensors)
+
+
+def _unsupported(config: dict) -> str | None:
+    if config.get("peft_type") != "LORA":
+        return f"it is a {config.get('peft_type')} adapter"
+    if config.get("use_dora"):
+        return "it is a DoRA adapter (its magnitude vector cannot be a LoRA input)"
+    if config.get("modules_to_save"):
+        return f"it trains whole layers too (modules_to_save: {config['modules_to_save']})"
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return "it uses per-layer ranks or alphas (rank_pattern/alpha_pattern)"
+    if config.get("fan_in_fan_out"):
+        return "it uses fan_in_fan_out (Conv1D layers)"
+    return None
+
+
+def check_fits(adapter: Adapter, base: Any, base_name: str) -> None:
+    """Refuse an adapter whose layers are not in this base, or have other shapes (another base model)."""
+    modules = dict(base.named_modules())
+    for module, ab in adapter.tensors.items():
+        layer = modules.get(module)
+        if layer is None or not isinstance(layer, torch.nn.Linear):
+            raise UsageError(f"adapter {adapter.name} ({adapter.folder}) adapts {module}, which {base_name} does "
+                             f"not have as a linear layer: it was trained on a different base model")
+        want = (layer.in_features, layer.out_features)
+        got = (ab["A"].shape[1], ab["B"].shape[0])
+        if want != got:
+            raise UsageError(f"adapter {adapter.name} ({adapter.folder}) was trained on a different base model: "
+                             f"{module} is {got[0]}->{got[1]} there and {want[0]}->{want[1]} in {base_name}")
+
+
+def _coded_adapter(base_path: str, modules: list[str], folder: Path, trust_remote_code: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base_path, torch.float32, trust_remote_code)
+    model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=modules))
+    found = {name.removeprefix("base_model.model."): mod for name, mod in model.named_modules()
+             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})}
+    with torch.no_grad():
+        for k, module in enumerate(modules):
+            layer = found[module]
+            layer.lora_A["default"].weight.fill_(k + 1)
+            out = layer.lora_B["default"].weight.shape[0]
+            layer.lora_B["default"].weight[:, 0] = (k + 1) * CODE_STRIDE + torch.arange(out, dtype=torch.float32)
+    model.save_pretrained(folder)
+
+
+def _lora_weights(graph_dir: Path) -> dict[str, str]:
+    """ONNX weight initializer -> the LoRA MatMul node using it."""
+    import onnx
+
+    proto = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    return {n.input[1]: n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.input[1] in inits}
+
+
+def _decode(graph_dir: Path, modules: list[str]) -> dict[str, tuple[str, str, np.ndarray | None]]:
+    """ONNX weight name -> (module, "A" or "B", rows of B it holds) from the coded weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
+    weights = _lora_weights(graph_dir)
+    mapping = {}
+    for init in proto.graph.initializer:
+        if init.name not in weights:
+            continue
+        value = numpy_helper.to_array(init, base_dir=str(graph_dir)).astype(np.float64)
+        if "/lora_A/" in weights[init.name]:
+            mapping[init.name] = (modules[int(round(value.flat[0])) - 1], "A", None)
+        else:
+            codes = np.rint(value.reshape(-1)).astype(np.int64)
+            mapping[init.name] = (modules[int(codes[0] // CODE_STRIDE) - 1], "B", codes % CODE_STRIDE)
+    return mapping
+
+
+def _make_inputs(graph_dir: Path, mapping: dict) -> dict[str, list]:
+    """Turn the LoRA weights into graph inputs with rank-0 defaults; returns each input's [rows, cols] dims."""
+    import onnx
+    from onnx import helper
+
+    path = graph_dir / "model.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    shapes = {}
+    kept = []
+    for init in proto.graph.initializer:
+        if init.name not in mapping:
+            kept.append(init)
+            continue
+        rows, cols = init.dims
+        dims = [rows, RANK] if mapping[init.name][1] == "A" else [RANK, cols]
+        shapes[init.name] = dims
+        proto.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, dims))
+        empty = [rows, 0] if mapping[init.name][1] == "A" else [0, cols]
+        kept.append(helper.make_tensor(init.name, init.data_type, empty, []))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    onnx.save(proto, str(path))
+    return shapes
+
+
+def _adapter_params(adapter: Adapter, mapping: dict, shapes: dict) -> dict[str, np.ndarray]:
+    params = {}
+    for name, (module, side, rows) in mapping.items():
+        if module not in adapter.tensors:
+            continue  # the input's rank-0 default: this adapter leaves the layer alone
+        ab = adapter.tensors[module]
+        value = ab["A"].T if side == "A" else ab["B"][rows].T
+        fixed = shapes[name][0] if side == "A" else shapes[name][1]
+        if value.shape[0 if side == "A" else 1] != fixed:
+            raise UsageError(f"adapter {adapter.name}: {name} would be {list(value.shape)}, the model input is "
+                             f"{shapes[name]}; it was trained on a different base model")
+        params[name] = np.ascontiguousarray(value, dtype=np.float32)
+    return params
+
+
+def _write_adapter(params: dict[str, np.ndarray], path: Path) -> None:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(path))
+
+
+def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path: str,
+                     names: list[str] | None = None, device: str = "cpu", provider: str | None = None,
+                     precision: str = "fp32", trust_remote_code: bool = False, overwrite: bool = False,
+                     parity_prompts: int = 8) -> Path:
+    started = time.perf_counter()
+    out, ep = check_flags(output_path, device, provider, precision, overwrite)
+    if not adapter_paths:
+        raise UsageError("--adapter_paths is empty; give one or more adapter folders, comma-separated")
+    if names is not None and len(names) != len(adapter_paths):
+        raise UsageError(f"--adapter_names gives {len(names)} names for {len(adapter_paths)} adapters; give one "
+                         f"name per adapter")
+    adapters = [read_adapter(p, names[i] if names else None) for i, p in enumerate(adapter_paths)]
+    taken = [a.name for a in adapters]
+    if len(set(taken)) < len(taken):
+        raise UsageError(f"two adapters share a name ({', '.join(taken)}); name them with --adapter_names")
+    base_path = resolve(base_model_path)
+    base = load_model(base_path, torch.float32, trust_remote_code).eval()
+    for adapter in adapters:
+        check_fits(adapter, base, base_model_path)
+    modules = sorted({m for a in adapters for m in a.tensors})
+    work = work_dir(out)
+    try:
+        with tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}-build-") as tmp:
+            coded, probe = Path(tmp) / "coded", Path(tmp) / "fp32"
+            _coded_adapter(base_path, modules, coded, trust_remote_code)
+            probe.mkdir()
+            build(Path(base_path), probe, "fp32", ep, {"adapter_path": str(coded)}, trust_remote_code)
+            mapping = _decode(probe, modules)
+            options = {"adapter_path": str(coded)}
+            if precision != "fp32":  # adapter weights are inputs: they must stay unquantized
+                options["nodes_to_exclude"] = ",".join(_lora_weights(probe).values())
+            build(Path(base_path), work, precision, ep, options, trust_remote_code)
+        shapes = _make_inputs(work, mapping)
+        (work / "adapters").mkdir()
+        for adapter in adapters:
+            _write_adapter(_adapter_params(adapter, mapping, shapes), work / "adapters" / f"{adapter.name}{ADAPTER_SUFFIX}")
+        results = _check_all(base, base_path, adapters, GenaiModel(work), precision, parity_prompts, trust_remote_code)
+        parity.write(work, results)
+        write_manifest(work / "manifest.json", "generate-adapter", {
+            "base_model_path": base_model_path, "adapter_paths": adapter_paths, "adapter_names": taken,
+            "device": device, "provider": provider, "precision": precision, "parity_prompts": parity_prompts,
+        }, {"base_model": base_path, "adapters": {a.name: str(a.folder) for a in adapters},
+            "lora_inputs": len(mapping)}, {}, {"parity": results, "size_mb": folder_mb(work),
+                                               "wall_time_s": round(time.perf_counter() - started, 2)})
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    failed_checks = [r for r in results if not r["passed"]]
+    if failed_checks:
+        failed = out.with_name(out.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        work.rename(failed)
+        who = ", ".join(r["adapter"] or "base" for r in failed_checks)
+        raise ParityError(f"{who} do(es) not match PyTorch closely enough (see {failed}/parity.json); not "
+                          f"published to {out}")
+    publish(work, out)
+    log.info("wrote %s: base + %d adapters (%s), %.0f MB", out, len(adapters), ", ".join(taken), folder_mb(out))
+    return out
+
+
+def _check_all(base: Any, base_path: str, adapters: list[Adapter], onnx: GenaiModel, precision: str,
+               n: int, trust_remote_code: bool) -> list[dict]:
+    """Parity of the plain base (no adapter active), then of each adapter against base + that adapter."""
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    items, origin = parity.probes(tokenizer, None, n)
+    base.config.use_cache = True
+    results = [parity.check(base, tokenizer, onnx, precision, items, origin)]
+    log.info(parity.verdict(results[0]))
+    for adapter in adapters:
+        model = attach_adapter(load_model(base_path, torch.float32, trust_remote_code), adapter.folder,
+                               base_path).merge_and_unload().eval()
+        model.config.use_cache = True
+        items, origin = parity.probes(tokenizer, adapter.manifest, n)
+        results.append(parity.check(model, tokenizer, onnx, precision, items, origin, adapter=adapter.name))
+        log.info(parity.verdict(results[-1]))
+    return results

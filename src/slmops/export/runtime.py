@@ -1,0 +1,85 @@
+"""ONNX Runtime GenAI folders: score and decode token ids, with or without a named adapter.
+
+One small wrapper serves the parity gate, `slmops generate` and evaluation, so the exported
+model is always checked through the same runtime a user deploys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from slmops.errors import UsageError, first_line
+
+GENAI_CONFIG = "genai_config.json"
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+def is_genai_folder(path: str | Path) -> bool:
+    return (Path(path).expanduser() / GENAI_CONFIG).is_file()
+
+
+def adapter_files(folder: Path) -> dict[str, Path]:
+    """The adapters `slmops generate-adapter` wrote: adapters/NAME.onnx_adapter."""
+    return {p.name.removesuffix(ADAPTER_SUFFIX): p for p in sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))}
+
+
+class GenaiModel:
+    """An exported model folder loaded with onnxruntime_genai."""
+
+    def __init__(self, folder: str | Path):
+        import onnxruntime_genai as og
+
+        self.folder = Path(folder).expanduser()
+        if not is_genai_folder(self.folder):
+            hint = ("it holds .onnx files but no genai_config.json" if any(self.folder.glob("*.onnx"))
+                    else "no genai_config.json there")
+            raise UsageError(f"{folder} is not an ONNX Runtime GenAI folder ({hint}); export one with "
+                             f"`slmops auto-opt --use_ort_genai`")
+        self._og = og
+        try:
+            self.model = og.Model(str(self.folder))
+        except RuntimeError as err:
+            raise UsageError(f"onnxruntime_genai cannot load {folder} ({first_line(err)[:200]}); "
+                             f"re-export it with `slmops auto-opt`") from None
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapter_paths = adapter_files(self.folder)
+        self._adapters = None
+
+    def _generator(self, max_length: int, adapter: str | None):
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        generator = og.Generator(self.model, params)
+        if adapter is not None:
+            if adapter not in self.adapter_paths:
+                known = ", ".join(self.adapter_paths) or "none"
+                raise UsageError(f"adapter {adapter!r} is not in {self.folder}/adapters (adapters there: {known})")
+            if self._adapters is None:
+                self._adapters = og.Adapters(self.model)
+                for name, path in self.adapter_paths.items():
+                    self._adapters.load(str(path), name)
+            generator.set_active_adapter(self._adapters, adapter)
+        return generator
+
+    def logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
+        """Next-token logits at every position of `ids` ([len(ids), vocab], float32)."""
+        generator = self._generator(len(ids) + 1, adapter)
+        generator.append_tokens(ids)
+        return np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -len(ids):]
+
+    def greedy(self, ids: list[int], max_new_tokens: int, adapter: str | None = None,
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Greedy continuation of `ids`, stopping at the end-of-sequence token."""
+        generator = self._generator(len(ids) + max_new_tokens, adapter)
+        generator.append_tokens(ids)
+        new: list[int] = []
+        while not generator.is_done() and len(new) < max_new_tokens:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            new.append(token)
+            if on_token is not None:
+                on_token(token)
+        return new

@@ -1,0 +1,76 @@
+"""What to export: a model, a model plus adapter, or a `slmops finetune` output folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmops.errors import UsageError
+from slmops.generation import adapter_dir
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    base: str                  # resolved base model: a local folder or a cached hub id
+    adapter: Path | None       # a PEFT adapter folder to merge, if any
+    manifest: dict | None      # the finetune run that made the adapter (its data gives parity prompts)
+
+
+def run_manifest(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    if path.is_file():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("command") == "finetune":
+            return manifest
+    return None
+
+
+def find_source(model_name_or_path: str | None, adapter_path: str | None) -> Source:
+    """Olive's flags, plus a finetune output folder in either place (base model read from its manifest)."""
+    model_run = run_manifest(Path(model_name_or_path).expanduser()) if model_name_or_path else None
+    if model_run is not None and adapter_path is None:
+        run = Path(model_name_or_path).expanduser()
+        if (run / "model" / "config.json").exists():  # --merge or --method full: the model is already whole
+            return Source(str(run / "model"), None, model_run)
+        return Source(_base_of(model_run), adapter_dir(str(run)), model_run)
+    adapter = adapter_dir(adapter_path) if adapter_path else None
+    manifest = run_manifest(adapter.parent) if adapter is not None else None
+    if model_name_or_path is None:
+        if adapter is None:
+            raise UsageError("pass --model_name_or_path (and optionally --adapter_path)")
+        model_name_or_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return Source(resolve(model_name_or_path), adapter, manifest or model_run)
+
+
+def _base_of(manifest: dict) -> str:
+    recorded = manifest.get("resolved", {}).get("model_path")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    return resolve(manifest["options"]["model_name_or_path"])
+
+
+def load_reference(source: Source, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The PyTorch model the export must match (adapter merged, fp32) and its tokenizer."""
+    tokenizer = load_tokenizer(str(source.adapter or source.base), trust_remote_code)
+    model = load_model(source.base, torch.float32, trust_remote_code)
+    if source.adapter is not None:
+        model = attach_adapter(model, source.adapter, source.base).merge_and_unload()
+    model.config.use_cache = True
+    return model.eval(), tokenizer
+
+
+def save_for_builder(model: Any, tokenizer: Any, source: Source, folder: Path) -> Path:
+    """A local Hugging Face folder the builder reads; the base folder itself when nothing was merged."""
+    if source.adapter is None and Path(source.base).is_dir():
+        return Path(source.base)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
