@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import TextStreamer
 
 from slmops.errors import UsageError
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
 
 
 def adapter_dir(path: str) -> Path:
@@ -35,28 +35,37 @@ class _Stream(TextStreamer):
 def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
              chat: bool = False, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 42, trust_remote_code: bool = False,
-             on_text: Callable[[str], None] | None = None) -> str:
-    """Return the model's continuation of `prompt`; `on_text` receives it piece by piece."""
-    adapter = adapter_dir(adapter_path) if adapter_path else None
+             on_text: Callable[[str], None] | None = None, adapter: str | None = None) -> str:
+    """Return the model's continuation of `prompt`; `on_text` receives it piece by piece.
+
+    `model_name_or_path` may be an ONNX Runtime GenAI folder; `adapter` then names one of its
+    adapters (`slmops generate-adapter`). Same prompt handling and decoding options for both.
+    """
+    from slmops.export.runtime import is_genai_folder
+
+    if model_name_or_path and is_genai_folder(model_name_or_path):
+        if adapter_path:
+            raise UsageError("--adapter_path is for PyTorch models; an ONNX folder's adapters are chosen by name "
+                             "with --adapter NAME")
+        return _generate_onnx(prompt, model_name_or_path, adapter, chat, max_new_tokens, do_sample, temperature,
+                              top_p, seed, on_text)
+    if adapter:
+        raise UsageError(f"--adapter {adapter}: names an adapter inside an ONNX multi-adapter folder, but "
+                         f"{model_name_or_path} is not an ONNX Runtime GenAI folder (no genai_config.json); "
+                         f"for a PyTorch model pass --adapter_path")
+    adapter_folder = adapter_dir(adapter_path) if adapter_path else None
     if model_name_or_path is None:
-        if adapter is None:
+        if adapter_folder is None:
             raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
-        model_name_or_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model_name_or_path = json.loads((adapter_folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     path = resolve(model_name_or_path)
-    tokenizer = load_tokenizer(str(adapter or path), trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(adapter_folder, path), trust_remote_code)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = load_model(path, dtype, trust_remote_code, device_map="cuda" if torch.cuda.is_available() else None)
-    if adapter is not None:
-        model = attach_adapter(model, adapter, model_name_or_path)
+    if adapter_folder is not None:
+        model = attach_adapter(model, adapter_folder, model_name_or_path)
     model.eval()
-    if chat:
-        if not tokenizer.chat_template:
-            raise UsageError("--chat: this tokenizer has no chat template; drop --chat")
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = inputs.to(model.device)
+    inputs = _encode(tokenizer, prompt, chat, "pt").to(model.device)
     torch.manual_seed(seed)
     streamer = _Stream(tokenizer, on_text) if on_text else None
     with torch.no_grad():
@@ -64,3 +73,38 @@ def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: s
                              temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
                              streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _encode(tokenizer: Any, prompt: str, chat: bool, tensors: str | None) -> Any:
+    if chat:
+        if not tokenizer.chat_template:
+            raise UsageError("--chat: this tokenizer has no chat template; drop --chat")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors=tensors, return_dict=True)
+    return tokenizer(prompt, return_tensors=tensors)
+
+
+def _generate_onnx(prompt: str, folder: str, adapter: str | None, chat: bool, max_new_tokens: int,
+                   do_sample: bool, temperature: float, top_p: float, seed: int,
+                   on_text: Callable[[str], None] | None) -> str:
+    from slmops.export.runtime import GenaiModel
+
+    model = GenaiModel(folder)
+    tokenizer = load_tokenizer(folder)  # the folder's Hugging Face tokenizer files: same ids as PyTorch
+    ids = list(_encode(tokenizer, prompt, chat, None)["input_ids"])
+    new: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if on_text is not None and not text.endswith("\ufffd"):  # wait for a split character's other bytes
+            on_text(text[len(shown):])
+            shown = text
+
+    model.generate(ids, max_new_tokens, adapter, stream, do_sample, temperature, top_p, seed)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text

@@ -143,7 +143,7 @@ def check(model: Any, tokenizer: Any, onnx: GenaiModel, precision: str, items: l
         agree_all, total_all = agree_all + int(same.sum()), total_all + len(same)
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
         want = _stop_at_eos(_torch_greedy(model, probe.prompt, next(iter(eos), None)), eos)
-        greedy_equal += int(want == _stop_at_eos(onnx.greedy(probe.prompt, GREEDY_TOKENS, adapter), eos))
+        greedy_equal += int(want == _stop_at_eos(onnx.generate(probe.prompt, GREEDY_TOKENS, adapter), eos))
     nll_ref = nll_got = 0.0
     count = 0
     for window in _held_out(tokenizer, model):

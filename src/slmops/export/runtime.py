@@ -6,6 +6,7 @@ model is always checked through the same runtime a user deploys.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -44,14 +45,14 @@ class GenaiModel:
         except RuntimeError as err:
             raise UsageError(f"onnxruntime_genai cannot load {folder} ({first_line(err)[:200]}); "
                              f"re-export it with `slmops auto-opt`") from None
-        self.tokenizer = og.Tokenizer(self.model)
+        self.context = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]["context_length"]
         self.adapter_paths = adapter_files(self.folder)
         self._adapters = None
 
-    def _generator(self, max_length: int, adapter: str | None):
+    def _generator(self, max_length: int, adapter: str | None, **search: float | bool):
         og = self._og
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
+        params.set_search_options(max_length=max_length, do_sample=False, **search)
         generator = og.Generator(self.model, params)
         if adapter is not None:
             if adapter not in self.adapter_paths:
@@ -66,14 +67,19 @@ class GenaiModel:
 
     def logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
         """Next-token logits at every position of `ids` ([len(ids), vocab], float32)."""
-        generator = self._generator(len(ids) + 1, adapter)
+        generator = self._generator(len(ids), adapter)
         generator.append_tokens(ids)
         return np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -len(ids):]
 
-    def greedy(self, ids: list[int], max_new_tokens: int, adapter: str | None = None,
-               on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Greedy continuation of `ids`, stopping at the end-of-sequence token."""
-        generator = self._generator(len(ids) + max_new_tokens, adapter)
+    def generate(self, ids: list[int], max_new_tokens: int, adapter: str | None = None,
+                 on_token: Callable[[int], None] | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 42) -> list[int]:
+        """New tokens after `ids` (greedy unless `do_sample`), stopping at the end-of-sequence token."""
+        search = {"do_sample": True, "temperature": temperature, "top_p": top_p, "random_seed": seed} \
+            if do_sample else {}
+        if len(ids) >= self.context:
+            raise UsageError(f"the prompt is {len(ids)} tokens; this model holds {self.context}: shorten it")
+        generator = self._generator(min(len(ids) + max_new_tokens, self.context), adapter, **search)
         generator.append_tokens(ids)
         new: list[int] = []
         while not generator.is_done() and len(new) < max_new_tokens:

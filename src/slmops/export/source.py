@@ -12,7 +12,7 @@ import torch
 
 from slmops.errors import UsageError
 from slmops.generation import adapter_dir
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _base_of(manifest: dict) -> str:
 
 def load_reference(source: Source, trust_remote_code: bool) -> tuple[Any, Any]:
     """The PyTorch model the export must match (adapter merged, fp32) and its tokenizer."""
-    tokenizer = load_tokenizer(str(source.adapter or source.base), trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_folder(source.adapter, source.base), trust_remote_code)
     model = load_model(source.base, torch.float32, trust_remote_code)
     if source.adapter is not None:
         model = attach_adapter(model, source.adapter, source.base).merge_and_unload()

@@ -55,6 +55,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return prepare_tokenizer(tok)
 
 
+def tokenizer_folder(adapter: Path | None, base: str) -> str:
+    """An adapter's own tokenizer when it saved one (slmops does, with any added tokens), else the base's."""
+    if adapter is not None and (adapter / "tokenizer_config.json").is_file():
+        return str(adapter)
+    return base
+
+
 def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
                quantization_config: Any = None, device_map: Any = None) -> nn.Module:
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,171 @@
+"""auto-opt and generate-adapter on tiny random models: the exported model answers like PyTorch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TEMPLATE, build_model, sentiment_rows, write_jsonl
+from test_cli import fails_cleanly
+from slmops.cli import main
+from slmops.export import parity
+from slmops.export.auto_opt import ParityError, auto_opt
+from slmops.export.runtime import GenaiModel
+from slmops.models.loading import load_model, load_tokenizer
+
+PROMPTS = ["Review: good film very\nTone:", "Review: awful plot not\nTone:", "the actor was quite"]
+
+
+def make_adapter(base: Path, folder: Path, targets: list[str], r: int, seed: int) -> Path:
+    """A LoRA adapter with random, non-zero B (an untrained adapter would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_model(str(base), torch.float32),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def torch_greedy(base: Path, adapter: Path | None, ids: list[int], n: int = 8) -> list[int]:
+    model = load_model(str(base), torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    qv = make_adapter(tiny_llama, root / "qv", ["q_proj", "v_proj"], 4, 1)
+    every = make_adapter(tiny_llama, root / "every", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"], 8, 2)
+    return qv, every
+
+
+def test_auto_opt_merges_the_adapter_and_matches_pytorch(tiny_llama, adapters, tmp_path):
+    out = tmp_path / "onnx"
+    assert main(["auto-opt", "-m", str(tiny_llama), "--adapter_path", str(adapters[1]), "--precision", "fp32",
+                 "--use_ort_genai", "-o", str(out), "--parity_prompts", "4"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["top1_agreement"] >= 0.99 and report["perplexity_ratio"] <= 1.01
+    assert json.loads((out / "manifest.json").read_text())["resolved"]["adapter_merged"] is True
+    assert not out.with_name("onnx.partial").exists()
+    onnx = GenaiModel(out)
+    tok = load_tokenizer(str(tiny_llama))
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        want = torch_greedy(tiny_llama, adapters[1], ids)
+        assert onnx.generate(ids, 8) == want
+        assert want != torch_greedy(tiny_llama, None, ids)  # the adapter changes answers, so merging it mattered
+
+
+def test_int4_export_passes_its_own_gate(tiny_llama, tmp_path):
+    out = tmp_path / "int4"
+    assert main(["auto-opt", "-m", str(tiny_llama), "--precision", "int4", "-o", str(out),
+                 "--parity_prompts", "2"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["thresholds"] == parity.THRESHOLDS["int4"]
+    assert (out / "model.onnx").stat().st_size > 0
+
+
+def test_failed_parity_is_not_published(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setitem(parity.THRESHOLDS, "fp32", {"top1_agreement": 1.01, "perplexity_ratio": 1.0})
+    out = tmp_path / "strict"
+    with pytest.raises(ParityError, match="not published"):
+        auto_opt(str(out), str(tiny_llama), parity_prompts=2)
+    assert not out.exists()
+    assert json.loads((tmp_path / "strict.failed" / "parity.json").read_text())["passed"] is False
+
+
+def test_parity_prompts_come_from_the_adapters_training_data(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(20))
+    manifest = {"options": {"model_name_or_path": str(tiny_llama), "data_name": str(data),
+                            "text_template": TEMPLATE, "train_split": "train"}}
+    tok = load_tokenizer(str(tiny_llama))
+    items, source = parity.probes(tok, manifest, 4)
+    assert source.startswith("4 rows of") and len(items) == 4
+    first = tok.decode(items[0].text)
+    assert first.startswith("Review: ") and "Tone: " in first
+    assert tok.decode(items[0].text[items[0].response_start:]).strip() in ("positive", "negative")
+
+
+def test_generate_adapter_switches_adapters_per_request(tiny_llama, adapters, tmp_path):
+    out = tmp_path / "multi"
+    assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths",
+                 f"{adapters[0]},{adapters[1]}", "--adapter_names", "small,big", "-o", str(out),
+                 "--parity_prompts", "2"]) == 0
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["big.onnx_adapter", "small.onnx_adapter"]
+    results = json.loads((out / "parity.json").read_text())
+    assert [r["adapter"] for r in results] == [None, "small", "big"] and all(r["passed"] for r in results)
+    onnx = GenaiModel(out)
+    tok = load_tokenizer(str(tiny_llama))
+    ids = tok(PROMPTS[0])["input_ids"]
+    base = torch_greedy(tiny_llama, None, ids)
+    assert onnx.generate(ids, 8) == base  # no adapter active: the rank-0 defaults leave the base alone
+    for name, folder in (("small", adapters[0]), ("big", adapters[1])):
+        want = torch_greedy(tiny_llama, folder, ids)
+        assert want != base
+        assert onnx.generate(ids, 8, adapter=name) == want
+
+
+def test_generate_runs_onnx_folders_with_a_named_adapter(tiny_llama, adapters, tmp_path, capsys):
+    out = tmp_path / "multi"
+    assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[0]),
+                 "--adapter_names", "qv", "-o", str(out), "--parity_prompts", "1"]) == 0
+    capsys.readouterr()
+    tok = load_tokenizer(str(tiny_llama))
+    want = tok.decode(torch_greedy(tiny_llama, adapters[0], tok(PROMPTS[1])["input_ids"], 6),
+                      skip_special_tokens=True)
+    assert main(["generate", "-m", str(out), "--adapter", "qv", "--prompt", PROMPTS[1].replace("\n", "\\n"),
+                 "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == want.strip()
+
+
+@pytest.fixture(scope="module")
+def other_base(tokenizer_dir, tmp_path_factory) -> Path:
+    """A model with other layer shapes: adapters trained on it do not fit tiny_llama."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("other") / "wide"
+    tok = load_tokenizer(str(tokenizer_dir))
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_bad_input(tiny_llama, adapters, other_base, tokenizer_dir, models_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    alien = make_adapter(other_base, tmp_path / "alien", ["q_proj"], 2, 3)
+    gpt2 = build_model(tokenizer_dir, models_root, "gpt2")
+    cases = [
+        (["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths",
+          f"{adapters[0]},{alien}"], "trained on a different base model"),
+        (["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(tmp_path)],
+         "no adapter_config.json"),
+        (["auto-opt", "-m", str(gpt2)], "cannot export architecture GPT2LMHeadModel"),
+        (["auto-opt", "-m", str(tiny_llama), "--device", "gpu"], "install onnxruntime-genai-cuda"),
+        (["auto-opt", "-m", str(tiny_llama), "--provider", "CUDAExecutionProvider"], "not --device cpu"),
+        (["generate", "-m", str(tmp_path), "--adapter", "x", "--prompt", "hi"], "ONNX Runtime GenAI folder"),
+    ]
+    for argv, expect in cases:
+        fails_cleanly(capsys, [*argv, "-o", str(out)] if argv[0] != "generate" else argv, expect,
+                      out if argv[0] != "generate" else None)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    fails_cleanly(capsys, ["auto-opt", "-m", str(tiny_llama), "-o", str(out)], "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
