@@ -128,12 +128,23 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "autocast_dtype": str(amp).removeprefix("torch."), "device": str(args.device), "world_size": args.world_size,
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
+    _write_report(work, out)
     _publish(work, out)
     changes = "; ".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}"
                         for k, v in results["eval_before"].items() if results.get(k) is not None)
     log.info("train loss %.4f; %s; %.0f tokens/s, %.0f s; wrote %s", results["train_loss"], changes,
              results["tokens_per_second"], results["wall_time_s"], out)
     return out
+
+
+def _write_report(work: Path, out: Path) -> None:
+    """report.html inside the run; a page that cannot be drawn must not cost the trained weights."""
+    try:
+        from slmops.report import write_report
+        write_report(work)
+    except Exception as err:
+        log.warning("could not write report.html (%s); the run is complete, draw the page later with "
+                    "`slmops report %s`", first_line(err), out)
 
 
 def _before(trainer: Trainer, metrics: Sequence[str]) -> dict:
