@@ -49,7 +49,7 @@ class GenaiModel:
         self.adapter_paths = adapter_files(self.folder)
         self._adapters = None
 
-    def _generator(self, max_length: int, adapter: str | None, **search: float | bool):
+    def generator(self, max_length: int, adapter: str | None, **search: float | bool):
         og = self._og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False, **search)
@@ -67,7 +67,7 @@ class GenaiModel:
 
     def logits(self, ids: list[int], adapter: str | None = None) -> np.ndarray:
         """Next-token logits at every position of `ids` ([len(ids), vocab], float32)."""
-        generator = self._generator(len(ids), adapter)
+        generator = self.generator(len(ids), adapter)
         generator.append_tokens(ids)
         return np.asarray(generator.get_output("logits"), dtype=np.float32)[0, -len(ids):]
 
@@ -79,7 +79,7 @@ class GenaiModel:
             if do_sample else {}
         if len(ids) >= self.context:
             raise UsageError(f"the prompt is {len(ids)} tokens; this model holds {self.context}: shorten it")
-        generator = self._generator(min(len(ids) + max_new_tokens, self.context), adapter, **search)
+        generator = self.generator(min(len(ids) + max_new_tokens, self.context), adapter, **search)
         generator.append_tokens(ids)
         new: list[int] = []
         while not generator.is_done() and len(new) < max_new_tokens:
