@@ -48,3 +48,23 @@ def test_finetune_and_generate_sst2(smollm2, tmp_path, capsys):
     assert main(["generate", "--adapter_path", str(out), "--prompt", "a gorgeous, witty film", "--chat",
                  "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+DEV = SST2.with_name("dev.jsonl")
+
+
+@pytest.mark.skipif(not DEV.exists(), reason="needs ../shared/data/sst2")
+def test_evaluate_agrees_with_the_independent_scorer(smollm2, tmp_path):
+    """`slmops evaluate` against benchmarks/sst2_accuracy.py (plain transformers) on the first 96 dev rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sst2_accuracy", Path(__file__).resolve().parents[1] / "benchmarks" / "sst2_accuracy.py")
+    scorer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scorer)
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "-m", "smollm2-135m-instruct", "-d", str(DEV), "--text_template", TEMPLATE,
+                 "--max_samples", "96", "--log_level", "2", "-o", str(out)]) == 0
+    ours = json.loads(out.read_text())["metrics"]["accuracy"]
+    tok, model = scorer.load(str(smollm2), None)
+    assert ours == pytest.approx(scorer.accuracy(tok, model, scorer.read_rows(str(DEV), 0, 96)), abs=1 / 96)

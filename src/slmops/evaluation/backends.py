@@ -1,0 +1,144 @@
+"""The model behind `slmops evaluate`: a small protocol, so PyTorch and ONNX Runtime GenAI models are
+scored by the same code on the same data.
+
+A backend sees strings, never tokens, so each can tokenize the way its runtime does. Each call is
+one batch; `evaluate` does the batching, ordering, timing and progress.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from slmops.data.formatting import IGNORE, tokenize
+from slmops.errors import UsageError
+from slmops.export.runtime import is_genai_folder
+from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
+
+NO_LIMIT = 1 << 30  # evaluation scores the whole text: no --max_seq_len truncation
+
+
+class Backend(Protocol):
+    """All `evaluate` asks of a model; greedy decoding only, so results are reproducible across runtimes."""
+
+    name: str  # recorded in results.json: "torch", "onnx-genai", ...
+
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        """Per pair: the summed log-probability of `continuation` following `prompt`, and how many tokens
+        that covers. The tokens are those of `prompt + continuation` tokenized as one text that overlap the
+        continuation (as `finetune` masks the loss), so a token straddling the boundary counts."""
+        ...
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuation of each prompt, up to EOS or `max_new_tokens`, without special tokens."""
+        ...
+
+    def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        """Summed negative log-likelihood of every token after the first, over all texts, and that count."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens in each text, as the model reads it (for throughput)."""
+        ...
+
+
+def base_model_of(adapter: Path) -> str:
+    """The model an adapter was trained on, as recorded in its config."""
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False) -> Backend:
+    """The backend for a model: ONNX Runtime GenAI folders are recognised here (not evaluated yet)."""
+    if is_genai_folder(model_name_or_path):
+        raise UsageError(f"{model_name_or_path} is an ONNX Runtime GenAI model: ONNX evaluation is not "
+                         f"available yet; evaluate the PyTorch model it was exported from")
+    folder = Path(model_name_or_path).expanduser()
+    if folder.is_dir() and any(folder.glob("*.onnx")):
+        raise UsageError(f"not an ONNX Runtime GenAI folder: {model_name_or_path} holds .onnx files but no "
+                         f"genai_config.json; export one with `slmops auto-opt`")
+    return TorchBackend.load(model_name_or_path, adapter, trust_remote_code)
+
+
+class TorchBackend:
+    """A transformers model (plus a PEFT adapter), in eval mode and without gradients."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, model_name_or_path: str, adapter: Path | None = None,
+             trust_remote_code: bool = False) -> TorchBackend:
+        path = resolve(model_name_or_path)
+        tokenizer = load_tokenizer(tokenizer_folder(adapter, path), trust_remote_code)
+        cuda = torch.cuda.is_available()
+        model = load_model(path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
+                           device_map="cuda" if cuda else None)
+        if adapter is not None:
+            model = attach_adapter(model, adapter, model_name_or_path)
+        return cls(model, tokenizer)
+
+    @torch.no_grad()
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        texts = [p + c for p, c in zip(prompts, continuations, strict=True)]
+        spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
+        tok = tokenize(texts, spans, self.tokenizer, NO_LIMIT, train_on_prompt=False, add_eos=False)
+        if len(tok.input_ids) < len(texts):
+            raise UsageError("a continuation starts the text, so nothing before it predicts it; make the "
+                             "template put a prompt before the response")
+        return self._scores(tok.input_ids, tok.labels)
+
+    @torch.no_grad()
+    def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        ids = self.tokenizer(list(texts))["input_ids"]
+        scores = self._scores(ids, ids)
+        return -sum(s for s, _ in scores), sum(n for _, n in scores)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        # left padding: every prompt must end where generation starts
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(self.device)
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                  top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def _scores(self, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
+        """Summed log-probability and count of each row's labelled tokens.
+
+        The model reads a row up to its last token; a row whose input is the start of another's takes its
+        logits from that row's pass, so a prompt scored against one-token labels runs once, not per label.
+        """
+        inputs = [row[:-1] for row in input_ids]
+        runs: list[list[int]] = []
+        source = [0] * len(inputs)
+        for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i])):
+            source[i] = next((j for j, run in enumerate(runs) if run[:len(inputs[i])] == inputs[i]), len(runs))
+            if source[i] == len(runs):
+                runs.append(inputs[i])
+        picks = [(i, pos, target) for i, row in enumerate(labels) for pos, target in enumerate(row[1:])
+                 if target != IGNORE]
+        sums, counts = [0.0] * len(inputs), [0] * len(inputs)
+        if not picks:
+            return list(zip(sums, counts))
+        width = max(map(len, runs))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([run + [pad] * (width - len(run)) for run in runs], device=self.device)
+        mask = torch.tensor([[1] * len(run) + [0] * (width - len(run)) for run in runs], device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # right padding: causal
+        pair, position, target = zip(*picks)
+        at = torch.tensor([source[i] for i in pair], device=self.device), torch.tensor(position, device=self.device)
+        logprobs = F.log_softmax(logits[at].float(), -1).gather(-1, torch.tensor(target, device=self.device)[:, None])
+        for i, value in zip(pair, logprobs[:, 0].tolist()):
+            sums[i] += value
+            counts[i] += 1
+        return list(zip(sums, counts))
