@@ -66,14 +66,14 @@ def setup_logging(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slmops.cli import data, finetune, generate, models
+    from slmops.cli import auto_opt, data, evaluate, finetune, generate, generate_adapter, models, report
 
     parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    for module in (finetune, generate, models, data):
+    for module in (finetune, generate, models, data, report, evaluate, auto_opt, generate_adapter):
         # Importing TrainingArguments costs seconds; only `finetune` needs its flags.
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
     try:

@@ -27,6 +27,7 @@ from slmops.evaluation import forgetting
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
 from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
+from slmops.outputs import publish, refuse_existing
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
 from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
@@ -129,7 +130,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
     _write_report(work, out)
-    _publish(work, out)
+    publish(work, out)
     changes = "; ".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}"
                         for k, v in results["eval_before"].items() if results.get(k) is not None)
     log.info("train loss %.4f; %s; %.0f tokens/s, %.0f s; wrote %s", results["train_loss"], changes,
@@ -164,8 +165,7 @@ def _final_eval(trainer: Trainer) -> dict:
 
 def _plan_output(cfg: FinetuneConfig, out: Path, work: Path) -> str | None:
     """Refuse to clobber results; decide what to resume from. Runs before any heavy work."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise UsageError(f"output path {out} already exists; choose another --output_path or add --overwrite")
+    refuse_existing(out, cfg.overwrite)
     checkpoints = work / "checkpoints"
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if cfg.resume_from_checkpoint not in (None, "auto"):
@@ -239,12 +239,3 @@ def _save(cfg: FinetuneConfig, trainer: Trainer, tokenizer: Any, model_path: str
         merged.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
 
-
-def _publish(work: Path, out: Path) -> None:
-    """Swap the finished folder into place; an old one (with --overwrite) goes only after."""
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
