@@ -221,6 +221,6 @@ def test_bad_input_is_one_line_exit_2(tiny_llama, tokenizer_dir, models_root, ad
     (onnx / "model.onnx").write_bytes(b"")
     fails(["-m", str(onnx)], "not an ONNX Runtime GenAI folder")
     (onnx / "genai_config.json").write_text("{}")
-    fails(["-m", str(onnx)], "ONNX evaluation is not available yet")
+    fails(["-m", str(onnx)], "onnxruntime_genai cannot load")
     fails(["--compare", str(tiny_llama)], "--compare names every run itself")
     fails(["--compare", str(tmp_path / "none.json")], "results file not found", argv=["evaluate"])

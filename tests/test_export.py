@@ -133,6 +133,22 @@ def test_generate_runs_onnx_folders_with_a_named_adapter(tiny_llama, adapters, t
     assert capsys.readouterr().out.strip() == want.strip()
 
 
+def test_evaluate_scores_onnx_like_pytorch(tiny_llama, adapters, tmp_path):
+    from slmops.evaluation.run import evaluate
+
+    out = tmp_path / "multi"
+    assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[1]),
+                 "--adapter_names", "big", "-o", str(out), "--parity_prompts", "1"]) == 0
+    data = dict(data_name=str(write_jsonl(tmp_path / "d.jsonl", sentiment_rows(24))), text_template=TEMPLATE,
+                metrics="accuracy,f1,perplexity", progress=False)
+    for onnx_spec, torch_spec in (((str(out), None), (str(tiny_llama), None)),
+                                  ((str(out), "big"), (str(tiny_llama), str(adapters[1])))):
+        got, want = evaluate(*onnx_spec, **data), evaluate(*torch_spec, **data)
+        assert got["backend"] == "onnx-genai" and want["backend"] == "torch"
+        assert got["metrics"]["accuracy"] == want["metrics"]["accuracy"]
+        assert got["metrics"]["perplexity"] == pytest.approx(want["metrics"]["perplexity"], rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def other_base(tokenizer_dir, tmp_path_factory) -> Path:
     """A model with other layer shapes: adapters trained on it do not fit tiny_llama."""

@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
             action.help = "evaluate only the first N rows"
         elif action.dest in NOT_USED:
             action.help = argparse.SUPPRESS  # accepted, so finetune's data flags can be pasted unchanged
-    model.add_argument("--adapter_path", help="adapter folder, or a `slmops finetune` output folder; without -m, "
-                                              "the base model recorded in the adapter")
+    model.add_argument("--adapter_path", "--adapter", help="adapter folder, or a `slmops finetune` output folder; "
+                                                           "without -m, the base model recorded in the adapter. For "
+                                                           "an ONNX multi-adapter folder: the adapter's name")
     e = p.add_argument_group("evaluation")
     e.add_argument("--metrics", type=_csv, help=f"comma-separated, from {','.join(KNOWN)} (default: accuracy,f1 "
                                                 f"for labels; exact_match,bleu,rouge for generation)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +51,55 @@ def base_model_of(adapter: Path) -> str:
     return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False) -> Backend:
-    """The backend for a model: ONNX Runtime GenAI folders are recognised here (not evaluated yet)."""
+def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,
+                 onnx_adapter: str | None = None) -> Backend:
+    """The backend for a model: an ONNX Runtime GenAI folder (with `onnx_adapter` naming one of its
+    adapters) or anything transformers loads (with a PEFT `adapter` folder)."""
     if is_genai_folder(model_name_or_path):
-        raise UsageError(f"{model_name_or_path} is an ONNX Runtime GenAI model: ONNX evaluation is not "
-                         f"available yet; evaluate the PyTorch model it was exported from")
+        return OnnxBackend(model_name_or_path, onnx_adapter)
     folder = Path(model_name_or_path).expanduser()
     if folder.is_dir() and any(folder.glob("*.onnx")):
         raise UsageError(f"not an ONNX Runtime GenAI folder: {model_name_or_path} holds .onnx files but no "
                          f"genai_config.json; export one with `slmops auto-opt`")
     return TorchBackend.load(model_name_or_path, adapter, trust_remote_code)
+
+
+def _continuation_rows(tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str]):
+    """Token ids of prompt + continuation as one text, labelled where they overlap the continuation."""
+    texts = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
+    tok = tokenize(texts, spans, tokenizer, NO_LIMIT, train_on_prompt=False, add_eos=False)
+    if len(tok.input_ids) < len(texts):
+        raise UsageError("a continuation starts the text, so nothing before it predicts it; make the "
+                         "template put a prompt before the response")
+    return tok.input_ids, tok.labels
+
+
+def _scores(input_ids: list[list[int]], labels: list[list[int]],
+            run_logits: Callable[[list[list[int]]], Sequence[torch.Tensor]]) -> list[tuple[float, int]]:
+    """Summed log-probability and count of each row's labelled tokens.
+
+    The model reads a row up to its last token; a row whose input is the start of another's takes its
+    logits from that row's pass, so a prompt scored against one-token labels runs once, not per label.
+    `run_logits` returns each run's logits ([len(run), vocab]).
+    """
+    inputs = [row[:-1] for row in input_ids]
+    runs: list[list[int]] = []
+    source = [0] * len(inputs)
+    for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i])):
+        source[i] = next((j for j, run in enumerate(runs) if run[:len(inputs[i])] == inputs[i]), len(runs))
+        if source[i] == len(runs):
+            runs.append(inputs[i])
+    picks = [(i, pos, target) for i, row in enumerate(labels) for pos, target in enumerate(row[1:])
+             if target != IGNORE]
+    sums, counts = [0.0] * len(inputs), [0] * len(inputs)
+    if not picks:
+        return list(zip(sums, counts))
+    logits = run_logits(runs)
+    for i, pos, target in picks:
+        sums[i] += F.log_softmax(logits[source[i]][pos].float(), -1)[target].item()
+        counts[i] += 1
+    return list(zip(sums, counts))
 
 
 class TorchBackend:
@@ -87,18 +126,12 @@ class TorchBackend:
 
     @torch.no_grad()
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
-        texts = [p + c for p, c in zip(prompts, continuations, strict=True)]
-        spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
-        tok = tokenize(texts, spans, self.tokenizer, NO_LIMIT, train_on_prompt=False, add_eos=False)
-        if len(tok.input_ids) < len(texts):
-            raise UsageError("a continuation starts the text, so nothing before it predicts it; make the "
-                             "template put a prompt before the response")
-        return self._scores(tok.input_ids, tok.labels)
+        return _scores(*_continuation_rows(self.tokenizer, prompts, continuations), self._run_logits)
 
     @torch.no_grad()
     def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
         ids = self.tokenizer(list(texts))["input_ids"]
-        scores = self._scores(ids, ids)
+        scores = _scores(ids, ids, self._run_logits)
         return -sum(s for s, _ in scores), sum(n for _, n in scores)
 
     @torch.no_grad()
@@ -112,33 +145,49 @@ class TorchBackend:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
-    def _scores(self, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
-        """Summed log-probability and count of each row's labelled tokens.
-
-        The model reads a row up to its last token; a row whose input is the start of another's takes its
-        logits from that row's pass, so a prompt scored against one-token labels runs once, not per label.
-        """
-        inputs = [row[:-1] for row in input_ids]
-        runs: list[list[int]] = []
-        source = [0] * len(inputs)
-        for i in sorted(range(len(inputs)), key=lambda i: -len(inputs[i])):
-            source[i] = next((j for j, run in enumerate(runs) if run[:len(inputs[i])] == inputs[i]), len(runs))
-            if source[i] == len(runs):
-                runs.append(inputs[i])
-        picks = [(i, pos, target) for i, row in enumerate(labels) for pos, target in enumerate(row[1:])
-                 if target != IGNORE]
-        sums, counts = [0.0] * len(inputs), [0] * len(inputs)
-        if not picks:
-            return list(zip(sums, counts))
+    def _run_logits(self, runs: list[list[int]]) -> torch.Tensor:
+        """One padded batch; right padding leaves each run's own positions untouched (causal)."""
         width = max(map(len, runs))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([run + [pad] * (width - len(run)) for run in runs], device=self.device)
         mask = torch.tensor([[1] * len(run) + [0] * (width - len(run)) for run in runs], device=self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # right padding: causal
-        pair, position, target = zip(*picks)
-        at = torch.tensor([source[i] for i in pair], device=self.device), torch.tensor(position, device=self.device)
-        logprobs = F.log_softmax(logits[at].float(), -1).gather(-1, torch.tensor(target, device=self.device)[:, None])
-        for i, value in zip(pair, logprobs[:, 0].tolist()):
-            sums[i] += value
-            counts[i] += 1
-        return list(zip(sums, counts))
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+class OnnxBackend:
+    """An ONNX Runtime GenAI folder (`slmops auto-opt` / `generate-adapter`), optionally one named adapter.
+
+    Text goes through the folder's Hugging Face tokenizer, so ids match the PyTorch backend's exactly.
+    """
+
+    name = "onnx-genai"
+
+    def __init__(self, folder: str, adapter: str | None = None):
+        from slmops.export.runtime import GenaiModel
+
+        self.model = GenaiModel(folder)
+        self.tokenizer = load_tokenizer(str(Path(folder).expanduser()))
+        if adapter is not None and adapter not in self.model.adapter_paths:
+            known = ", ".join(self.model.adapter_paths) or "none"
+            raise UsageError(f"adapter {adapter!r} is not in ONNX folder {folder} (adapters there: {known}); for an "
+                             f"ONNX model the adapter is named, not a path")
+        self.adapter = adapter
+
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        return _scores(*_continuation_rows(self.tokenizer, prompts, continuations), self._run_logits)
+
+    def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        ids = self.tokenizer(list(texts))["input_ids"]
+        scores = _scores(ids, ids, self._run_logits)
+        return -sum(s for s, _ in scores), sum(n for _, n in scores)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        ids = self.tokenizer(list(prompts))["input_ids"]
+        return [self.tokenizer.decode(self.model.generate(row, max_new_tokens, self.adapter), skip_special_tokens=True)
+                for row in ids]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def _run_logits(self, runs: list[list[int]]) -> list[torch.Tensor]:
+        return [torch.from_numpy(self.model.logits(run, self.adapter)) for run in runs]

@@ -27,6 +27,7 @@ from slmops.data.sources import load_split
 from slmops.errors import UsageError
 from slmops.evaluation import metrics as M
 from slmops.evaluation.backends import Backend, base_model_of, load_backend
+from slmops.export.runtime import is_genai_folder
 from slmops.generation import adapter_dir
 from slmops.manifest import hardware, versions
 
@@ -66,7 +67,8 @@ def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = N
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and value <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {value}")
-    adapter = adapter_dir(adapter_path) if adapter_path else None
+    onnx = model_name_or_path is not None and is_genai_folder(model_name_or_path)
+    adapter = adapter_dir(adapter_path) if adapter_path and not onnx else None  # an ONNX folder's is a name
     if model_name_or_path is None:
         if adapter is None:
             raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
@@ -77,9 +79,9 @@ def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = N
     wanted = wanted or list(DEFAULTS[ev.task])
     _check_task(wanted, ev)
 
-    backend = load_backend(model_name_or_path, adapter, cfg.trust_remote_code)
+    backend = load_backend(model_name_or_path, adapter, cfg.trust_remote_code, adapter_path if onnx else None)
     values: dict[str, Any] = {}
-    out: dict[str, Any] = {"model": model_name_or_path, "adapter": str(adapter) if adapter else None,
+    out: dict[str, Any] = {"model": model_name_or_path, "adapter": str(adapter) if adapter else adapter_path,
                            "backend": backend.name, "task": ev.task, "labels": ev.labels or None}
     if ev.task != "text":
         mode, prompts, request, new_tokens = _requests(backend, ev, predict, max_new_tokens)
