@@ -185,3 +185,16 @@ def test_bad_input(tiny_llama, adapters, other_base, tokenizer_dir, models_root,
     (out / "keep.txt").write_text("mine")
     fails_cleanly(capsys, ["auto-opt", "-m", str(tiny_llama), "-o", str(out)], "already exists")
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_int4_multi_adapter_keeps_lora_inputs_float(tiny_llama, adapters, tmp_path):
+    import onnx
+
+    out = tmp_path / "multi4"
+    assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[0]),
+                 "--precision", "int4", "-o", str(out), "--parity_prompts", "1"]) == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    lora = [i for i in graph.input if ".lora_" in i.name]
+    assert len(lora) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert {i.type.tensor_type.elem_type for i in lora} == {onnx.TensorProto.FLOAT}
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)  # while the base is int4

@@ -167,10 +167,8 @@ class OnnxBackend:
 
         self.model = GenaiModel(folder)
         self.tokenizer = load_tokenizer(str(Path(folder).expanduser()))
-        if adapter is not None and adapter not in self.model.adapter_paths:
-            known = ", ".join(self.model.adapter_paths) or "none"
-            raise UsageError(f"adapter {adapter!r} is not in ONNX folder {folder} (adapters there: {known}); for an "
-                             f"ONNX model the adapter is named, not a path")
+        if adapter is not None:
+            self.model.check_adapter(adapter)
         self.adapter = adapter
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:

@@ -119,11 +119,14 @@ def _coded_adapter(base_path: str, modules: list[str], folder: Path, trust_remot
     model.save_pretrained(folder)
 
 
-def _lora_weights(graph_dir: Path) -> dict[str, str]:
-    """ONNX weight initializer -> the LoRA MatMul node using it."""
+def _graph(graph_dir: Path) -> Any:
     import onnx
 
-    proto = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
+    return onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
+
+
+def _lora_weights(proto: Any) -> dict[str, str]:
+    """ONNX weight initializer -> the LoRA MatMul node using it."""
     inits = {i.name for i in proto.graph.initializer}
     return {n.input[1]: n.name for n in proto.graph.node
             if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.input[1] in inits}
@@ -131,11 +134,10 @@ def _lora_weights(graph_dir: Path) -> dict[str, str]:
 
 def _decode(graph_dir: Path, modules: list[str]) -> dict[str, tuple[str, str, np.ndarray | None]]:
     """ONNX weight name -> (module, "A" or "B", rows of B it holds) from the coded weights."""
-    import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
-    weights = _lora_weights(graph_dir)
+    proto = _graph(graph_dir)
+    weights = _lora_weights(proto)
     mapping = {}
     for init in proto.graph.initializer:
         if init.name not in weights:
@@ -154,8 +156,7 @@ def _make_inputs(graph_dir: Path, mapping: dict) -> dict[str, list]:
     import onnx
     from onnx import helper
 
-    path = graph_dir / "model.onnx"
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = _graph(graph_dir)
     shapes = {}
     kept = []
     for init in proto.graph.initializer:
@@ -170,7 +171,7 @@ def _make_inputs(graph_dir: Path, mapping: dict) -> dict[str, list]:
         kept.append(helper.make_tensor(init.name, init.data_type, empty, []))
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
-    onnx.save(proto, str(path))
+    onnx.save(proto, str(graph_dir / "model.onnx"))
     return shapes
 
 
@@ -229,7 +230,7 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
             mapping = _decode(probe, modules)
             options = {"adapter_path": str(coded)}
             if precision != "fp32":  # adapter weights are inputs: they must stay unquantized
-                options["nodes_to_exclude"] = ",".join(_lora_weights(probe).values())
+                options["nodes_to_exclude"] = ",".join(_lora_weights(_graph(probe)).values())
             build(Path(base_path), work, precision, ep, options, trust_remote_code)
         shapes = _make_inputs(work, mapping)
         (work / "adapters").mkdir()

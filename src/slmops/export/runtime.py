@@ -49,15 +49,19 @@ class GenaiModel:
         self.adapter_paths = adapter_files(self.folder)
         self._adapters = None
 
+    def check_adapter(self, name: str) -> None:
+        if name not in self.adapter_paths:
+            known = ", ".join(self.adapter_paths) or "none"
+            raise UsageError(f"adapter {name!r} is not in {self.folder}/adapters (adapters there: {known}); "
+                             f"an ONNX folder's adapters are chosen by name")
+
     def generator(self, max_length: int, adapter: str | None, **search: float | bool):
         og = self._og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, do_sample=False, **search)
         generator = og.Generator(self.model, params)
         if adapter is not None:
-            if adapter not in self.adapter_paths:
-                known = ", ".join(self.adapter_paths) or "none"
-                raise UsageError(f"adapter {adapter!r} is not in {self.folder}/adapters (adapters there: {known})")
+            self.check_adapter(adapter)
             if self._adapters is None:
                 self._adapters = og.Adapters(self.model)
                 for name, path in self.adapter_paths.items():
