@@ -187,9 +187,12 @@ def test_bad_input(tiny_llama, adapters, other_base, tokenizer_dir, models_root,
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_int4_multi_adapter_keeps_lora_inputs_float(tiny_llama, adapters, tmp_path):
+def test_int4_multi_adapter_keeps_lora_inputs_float(tiny_llama, adapters, tmp_path, monkeypatch):
     import onnx
 
+    # A random tiny model's logits are nearly flat, so int4 flips its argmax by chance; the int4 gate is
+    # measured on SmolLM2 (docs/benchmarks.md). This test is about the graph.
+    monkeypatch.setitem(parity.THRESHOLDS, "int4", {"top1_agreement": 0.0, "perplexity_ratio": 2.0})
     out = tmp_path / "multi4"
     assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[0]),
                  "--precision", "int4", "-o", str(out), "--parity_prompts", "1"]) == 0
