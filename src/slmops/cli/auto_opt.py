@@ -42,8 +42,6 @@ def handle(args: argparse.Namespace) -> int:
     if not args.use_ort_genai:
         raise UsageError("--use_ort_genai false: slmops writes ONNX Runtime GenAI folders only (they hold a plain "
                          "model.onnx too); drop the flag")
-    if args.parity_prompts < 1:
-        raise UsageError(f"--parity_prompts {args.parity_prompts}: the parity check needs at least 1 prompt")
     try:
         auto_opt(args.output_path, args.model_name_or_path, args.adapter_path, args.device, args.provider,
                  args.precision, args.trust_remote_code, args.overwrite, args.parity_prompts)

@@ -25,12 +25,15 @@ class ParityError(Exception):
     """The export ran but does not answer like the PyTorch model; the folder is kept as OUT.failed."""
 
 
-def check_flags(output_path: str, device: str, provider: str | None, precision: str, overwrite: bool) -> tuple[Path, str]:
+def check_flags(output_path: str, device: str, provider: str | None, precision: str, overwrite: bool,
+                parity_prompts: int) -> tuple[Path, str]:
     """Everything that can be refused before a model is loaded: (output folder, builder provider)."""
     if device not in DEFAULT_PROVIDER:
         raise UsageError(f"--device {device}: choose cpu or gpu")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if parity_prompts < 1:
+        raise UsageError(f"--parity_prompts {parity_prompts}: the parity check needs at least 1 prompt")
     out = Path(output_path).expanduser()
     refuse_existing(out, overwrite)
     return out, check_provider(provider or DEFAULT_PROVIDER[device], device)
@@ -41,7 +44,7 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
              trust_remote_code: bool = False, overwrite: bool = False, parity_prompts: int = 16) -> Path:
     """Export, check parity, and publish `output_path`; raises ParityError below the precision's thresholds."""
     started = time.perf_counter()
-    out, ep = check_flags(output_path, device, provider, precision, overwrite)
+    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts)
     source = find_source(model_name_or_path, adapter_path)
     model, tokenizer = load_reference(source, trust_remote_code)
     work = work_dir(out)
@@ -67,15 +70,23 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info(parity.verdict(result))
-    if not result["passed"]:
-        failed = out.with_name(out.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        work.rename(failed)
-        raise ParityError(f"the {precision} export does not match the PyTorch model closely enough (see "
-                          f"{failed}/parity.json); it was not published to {out}. Try a higher --precision")
-    publish(work, out)
+    publish_checked(work, out, [result], f"the {precision} export")
     log.info("wrote %s (%.0f MB) in %.0f s", out, folder_mb(out), time.perf_counter() - started)
     return out
+
+
+def publish_checked(work: Path, out: Path, results: list[dict], what: str) -> None:
+    """Publish `work` as `out` when every parity check passed; otherwise keep it as OUT.failed and raise."""
+    failing = [r for r in results if not r["passed"]]
+    if not failing:
+        publish(work, out)
+        return
+    failed = out.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    work.rename(failed)
+    who = ", ".join(f"adapter {r['adapter']}" if r.get("adapter") else what for r in failing)
+    raise ParityError(f"{who} does not match the PyTorch model closely enough (see {failed}/parity.json); "
+                      f"not published to {out}. Try a higher --precision")
 
 
 def folder_mb(folder: Path) -> float:

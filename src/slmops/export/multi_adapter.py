@@ -24,14 +24,14 @@ import torch
 
 from slmops.errors import UsageError
 from slmops.export import parity
-from slmops.export.auto_opt import ParityError, check_flags, folder_mb
+from slmops.export.auto_opt import check_flags, folder_mb, publish_checked
 from slmops.export.builder import build
 from slmops.export.runtime import ADAPTER_SUFFIX, GenaiModel
 from slmops.export.source import run_manifest
 from slmops.generation import adapter_dir
 from slmops.manifest import write_manifest
 from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
-from slmops.outputs import publish, work_dir
+from slmops.outputs import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
                      precision: str = "fp32", trust_remote_code: bool = False, overwrite: bool = False,
                      parity_prompts: int = 8) -> Path:
     started = time.perf_counter()
-    out, ep = check_flags(output_path, device, provider, precision, overwrite)
+    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts)
     if not adapter_paths:
         raise UsageError("--adapter_paths is empty; give one or more adapter folders, comma-separated")
     if names is not None and len(names) != len(adapter_paths):
@@ -247,15 +247,7 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    failed_checks = [r for r in results if not r["passed"]]
-    if failed_checks:
-        failed = out.with_name(out.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        work.rename(failed)
-        who = ", ".join(r["adapter"] or "base" for r in failed_checks)
-        raise ParityError(f"{who} do(es) not match PyTorch closely enough (see {failed}/parity.json); not "
-                          f"published to {out}")
-    publish(work, out)
+    publish_checked(work, out, results, "the base model")
     log.info("wrote %s: base + %d adapters (%s), %.0f MB", out, len(adapters), ", ".join(taken), folder_mb(out))
     return out
 
