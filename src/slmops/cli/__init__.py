@@ -39,6 +39,11 @@ def add_log_level(parser: argparse.ArgumentParser) -> None:
                         help="0 debug (with tracebacks), 1 info (default), 2 warning, 3 error, 4 critical")
 
 
+def add_save_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save_config_file", metavar="FILE",
+                        help="also write the workflow this command runs (.yaml or .json) for `slmops run --config`")
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is now, so a redirected or captured stderr keeps working."""
 
@@ -66,14 +71,14 @@ def setup_logging(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slmops.cli import auto_opt, data, evaluate, finetune, generate, generate_adapter, models, report
+    from slmops.cli import auto_opt, data, evaluate, finetune, generate, generate_adapter, models, report, run
 
     parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    for module in (finetune, generate, models, data, report, evaluate, auto_opt, generate_adapter):
+    for module in (finetune, generate, models, data, report, evaluate, auto_opt, generate_adapter, run):
         # Importing TrainingArguments costs seconds; only `finetune` needs its flags.
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slmops.cli import add_log_level, str2bool
+from slmops.cli import add_log_level, add_save_config, str2bool
 from slmops.export.builder import PRECISIONS, PROVIDERS
 
 
@@ -31,21 +31,39 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p.add_argument("-o", "--output_path", required=True, help="output folder")
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="replace an existing --output_path")
+    add_save_config(p)
     add_log_level(p)
     return {"auto-opt": handle}
 
 
 def handle(args: argparse.Namespace) -> int:
     from slmops.errors import UsageError
-    from slmops.export.auto_opt import ParityError, auto_opt
+    from slmops.export.auto_opt import ParityError, check_flags
+    from slmops.workflow.commands import export_workflow, run_command
 
     if not args.use_ort_genai:
         raise UsageError("--use_ort_genai false: slmops writes ONNX Runtime GenAI folders only (they hold a plain "
                          "model.onnx too); drop the flag")
+    check_flags(args.output_path, args.device, args.provider, args.precision, True, args.parity_prompts)
+    settings = {"precision": args.precision, "device": args.device, "provider": args.provider,
+                "parity_prompts": args.parity_prompts, "output_path": args.output_path, "overwrite": args.overwrite}
     try:
-        auto_opt(args.output_path, args.model_name_or_path, args.adapter_path, args.device, args.provider,
-                 args.precision, args.trust_remote_code, args.overwrite, args.parity_prompts)
+        run_command(export_workflow(_model(args), args.adapter_path, "ModelBuilder", settings,
+                                    args.trust_remote_code), args.save_config_file)
     except ParityError as err:
         print(f"slmops auto-opt: parity check failed: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model(args: argparse.Namespace) -> str:
+    """Without -m, the base model the adapter records (as `auto-opt -a ADAPTER` always allowed)."""
+    if args.model_name_or_path:
+        return args.model_name_or_path
+    from slmops.errors import UsageError
+    from slmops.evaluation.backends import base_model_of
+    from slmops.generation import adapter_dir
+
+    if not args.adapter_path:
+        raise UsageError("pass --model_name_or_path (and optionally --adapter_path)")
+    return base_model_of(adapter_dir(args.adapter_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmops.cli import add_log_level, str2bool
+from slmops.cli import add_log_level, add_save_config, str2bool
 from slmops.export.builder import PRECISIONS, PROVIDERS
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
     p.add_argument("-o", "--output_path", required=True)
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False)
+    add_save_config(p)
     add_log_level(p)
     return {"generate-adapter": handle}
 
@@ -36,12 +37,14 @@ def handle(args: argparse.Namespace) -> int:
     import sys
 
     from slmops.export.auto_opt import ParityError
-    from slmops.export.multi_adapter import generate_adapter
+    from slmops.workflow.commands import export_workflow, run_command
 
+    settings = {"adapter_paths": args.adapter_paths, "adapter_names": args.adapter_names, "device": args.device,
+                "provider": args.provider, "precision": args.precision, "parity_prompts": args.parity_prompts,
+                "output_path": args.output_path, "overwrite": args.overwrite}
     try:
-        generate_adapter(args.base_model_path, args.adapter_paths, args.output_path, args.adapter_names,
-                         args.device, args.provider, args.precision, args.trust_remote_code, args.overwrite,
-                         args.parity_prompts)
+        run_command(export_workflow(args.base_model_path, None, "ExtractAdapters", settings,
+                                    args.trust_remote_code), args.save_config_file)
     except ParityError as err:
         print(f"slmops generate-adapter: parity check failed: {err}", file=sys.stderr)
         return 1

@@ -1,0 +1,93 @@
+"""`slmops run --config F` and `slmops search --config F`: a workflow file in Olive's shape."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from slmops.cli import add_log_level
+
+
+def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
+    for command, text in (("run", "run a workflow (model, data, passes) from a YAML or JSON file, Olive's shape"),
+                          ("search", "run a workflow's hyperparameter search (search_strategy, search_space); "
+                                     "start it on several machines to share one study")):
+        p = sub.add_parser(command, help=text, description=text + ". Passes already done with the same inputs "
+                                                                   "are reused; see docs/workflows.md.")
+        p.add_argument("--config", "--run-config", required=True, help="workflow file (.yaml, .yml or .json)")
+        p.add_argument("--output_dir", help="run folder (default: the file's output_dir, else runs/CONFIG_NAME)")
+        p.add_argument("--dry_run", action="store_true", help="print the resolved plan (which passes would run "
+                                                              "and which are reused) without running")
+        p.add_argument("--setup", action="store_true", help="first pip-install the packages the passes need")
+        p.add_argument("--list_required_packages", action="store_true",
+                       help="print the packages the passes need (and which are missing), then stop")
+        add_log_level(p)
+    return {"run": handle, "search": handle}
+
+
+def handle(args: argparse.Namespace) -> int:
+    from slmops.errors import UsageError
+    from slmops.workflow.config import load_workflow
+
+    wf = load_workflow(args.config)
+    if args.output_dir:
+        wf.spec.output_dir = args.output_dir
+    searching = args.command == "search"
+    if searching and wf.spec.search_strategy is None:
+        raise UsageError(f"{args.config} has no search_strategy; add search_strategy and search_space, or use "
+                         f"`slmops run`")
+    needed = required_packages(wf)
+    if args.list_required_packages:
+        for module, requirement in needed:
+            print(f"{requirement:<28} {'installed' if _installed(module) else 'missing'}")
+        return 0
+    missing = [req for module, req in needed if not _installed(module)]
+    if args.setup and missing:
+        print(f"installing {' '.join(missing)}", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
+    elif missing:
+        raise UsageError(f"the passes need {', '.join(missing)}, not installed; add --setup to install them")
+    from slmops.workflow.engine import plan, run_workflow
+
+    if args.dry_run:
+        print(_plan_table(wf, plan(wf)))
+        return 0
+    model = run_workflow(wf, search_only=searching)
+    if wf.spec.search_strategy is not None:
+        from slmops.workflow.config import FINETUNE_TYPES
+        from slmops.workflow.search import summary
+
+        searched = next(step for step in plan(wf) if step["type"] in FINETUNE_TYPES)
+        print(summary(Path(searched["folder"])))
+    print(f"output model: {model.describe()}")
+    return 0
+
+
+def required_packages(wf) -> list[tuple[str, str]]:
+    from slmops.workflow.passes import NEEDS
+
+    kinds = [p.type for p in wf.spec.passes.values()] + (["search"] if wf.spec.search_strategy else [])
+    return list(dict.fromkeys(need for kind in kinds for need in NEEDS.get(kind, [])))
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _plan_table(wf, steps: list[dict]) -> str:
+    lines = [f"workflow {wf.source}: model {wf.spec.model.config.model_path} ({wf.spec.model.type}); "
+             f"run folder {wf.output_dir}"]
+    if wf.spec.search_strategy is not None:
+        s = wf.spec.search_strategy
+        lines.append(f"search: {s.type}, {s.num_trials} trials, {s.goal} {s.metric}, over "
+                     f"{', '.join(wf.spec.search_space)}")
+    for i, step in enumerate(steps, 1):
+        status = "reuse (unchanged)" if step["done"] else "run"
+        lines.append(f"  {i}. {step['name']:<16} {step['type']:<20} {status:<18} -> {step['folder']}")
+        settings = wf.passes[step["name"]].model_dump(exclude_defaults=True, exclude_none=True)
+        if settings:
+            lines.append(f"     {settings}")
+    return "\n".join(lines)

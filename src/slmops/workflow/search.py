@@ -1,0 +1,197 @@
+"""Hyperparameter search over a fine-tuning pass, on optuna.
+
+Each trial is that pass with sampled settings, trained into `PASS/trials/trial-NNN/`. The study
+lives in optuna storage (by default `PASS/study.db`, SQLite; any SQLAlchemy URL, e.g. PostgreSQL,
+lets workers on several machines share it), so `slmops search` started twice runs trials in
+parallel, and a study that was interrupted picks up where it stopped. Trials that evaluate worse
+than the median of earlier ones at the same step are pruned (optuna's MedianPruner).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from slmops.errors import UsageError
+from slmops.workflow.config import ALIASES, Dimension, FinetunePass
+from slmops.workflow.passes import ModelRef, Step, finetune, read_json
+
+log = logging.getLogger(__name__)
+
+RESULTS = "search_results"
+
+
+class Pruning(TrainerCallback):
+    """Reports each validation metric to the trial; stops training when optuna says prune."""
+
+    def __init__(self, trial: Any, metric: str):
+        self.trial, self.metric, self.pruned = trial, metric, False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        if value is None or state.global_step == 0:  # the untrained model's evaluation says nothing
+            return
+        self.trial.report(value, state.global_step)
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+
+
+def search(step: Step) -> ModelRef:
+    import optuna
+
+    wf = step.workflow
+    strategy, space = wf.spec.search_strategy, wf.spec.search_space
+    step.out.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(
+        strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
+        engine_kwargs={"connect_args": {"timeout": 120}} if not strategy.storage else {},
+        heartbeat_interval=30, grace_period=120,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=strategy.study_name or f"{step.name}-{step.key[:12]}", storage=storage, load_if_exists=True,
+        direction=strategy.goal, sampler=_sampler(strategy.type, space, strategy.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if strategy.pruning else optuna.pruners.NopPruner())
+    metric = strategy.metric if strategy.metric.startswith("eval_") else f"eval_{strategy.metric}"
+    columns = list(space)
+    print(_row(["trial", "state", metric, *columns, "seconds"]), flush=True)
+
+    def objective(trial: Any) -> float:
+        started = time.perf_counter()
+        params = {name: _suggest(trial, name, dim) for name, dim in space.items()}
+        folder = step.out / "trials" / f"trial-{trial.number:03d}"
+        trial.set_user_attr("folder", str(folder))
+        pruning = Pruning(trial, metric)
+        settings = _with(step.settings, params, strategy.pruning)
+        finetune(Step(step.name, step.type, settings, wf, step.model, folder, True, callbacks=(pruning,)))
+        trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+        if pruning.pruned:
+            raise optuna.TrialPruned()
+        results = (read_json(folder / "manifest.json") or {}).get("results", {})
+        if results.get(metric) is None:
+            raise UsageError(f"search_strategy.metric: the trials report no {metric}; use eval_loss, or list the "
+                             f"metric in the pass's eval_metrics (e.g. accuracy)")
+        return float(results[metric])
+
+    def show(study: Any, trial: Any) -> None:
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        print(_row([trial.number, trial.state.name.lower(), value, *(trial.params.get(c, "") for c in columns),
+                    trial.user_attrs.get("seconds", "")]), flush=True)
+
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    study.optimize(objective, timeout=strategy.max_time, gc_after_trial=True,
+                   callbacks=[optuna.study.MaxTrialsCallback(strategy.num_trials, states=done), show])
+    return _finish(study, step, metric, columns)
+
+
+def _finish(study: Any, step: Step, metric: str, columns: list[str]) -> ModelRef:
+    import optuna
+
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UsageError("no search trial completed; see the errors above, or raise num_trials / max_time")
+    best = study.best_trial
+    rows = [{"trial": t.number, "state": t.state.name.lower(), metric: t.value, **t.params,
+             "seconds": t.user_attrs.get("seconds"), "folder": t.user_attrs.get("folder")} for t in trials]
+    from slmops.workflow.engine import write_json
+    write_json(step.out / f"{RESULTS}.json", {
+        "metric": metric, "direction": study.direction.name.lower(), "best_trial": best.number,
+        "best_value": best.value, "best_params": best.params, "best_folder": best.user_attrs["folder"],
+        "trials": rows})
+    tmp = step.out / f".{RESULTS}.csv.tmp"
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["trial", "state", metric, *columns, "seconds", "folder"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(step.out / f"{RESULTS}.csv")
+    folder = Path(best.user_attrs["folder"])
+    if (folder / "adapter").is_dir():
+        return ModelRef(step.model.path, str(folder / "adapter"))
+    return ModelRef(str(folder / "model"))
+
+
+def summary(folder: Path) -> str:
+    """The finished study as a table, best first, from search_results.json."""
+    saved = read_json(folder / f"{RESULTS}.json")
+    if saved is None:
+        return f"no {RESULTS}.json in {folder}"
+    metric, rows = saved["metric"], saved["trials"]
+    params = list(saved["best_params"])
+    ranked = sorted((r for r in rows if r[metric] is not None), key=lambda r: r[metric],
+                    reverse=saved["direction"] == "maximize") + [r for r in rows if r[metric] is None]
+    lines = [_row(["trial", "state", metric, *params])]
+    lines += [_row([r["trial"], r["state"], "-" if r[metric] is None else f"{r[metric]:.4f}",
+                    *(r.get(p, "") for p in params)]) for r in ranked]
+    best = ", ".join(f"{k}={_fmt(v)}" for k, v in saved["best_params"].items())
+    lines.append(f"best: trial {saved['best_trial']} ({metric} {saved['best_value']:.4f}): {best}; adapter in "
+                 f"{saved['best_folder']}; all trials in {folder}/{RESULTS}.csv")
+    return "\n".join(lines)
+
+
+def _with(settings: FinetunePass, params: dict[str, Any], pruning: bool) -> FinetunePass:
+    """The pass's settings with a trial's values (and evaluations during training, to prune on)."""
+    values = settings.model_dump(exclude_none=True)
+    training_args = dict(values.pop("training_args", {}))
+    for name, value in params.items():
+        name = ALIASES.get(name, name)
+        if name in ("target_modules", "modules_to_save") and isinstance(value, str):
+            value = value.split(",")
+        field = next((f for f, info in FinetunePass.model_fields.items() if name in (f, info.alias)), None)
+        if field is not None:
+            values[field] = value
+        else:
+            training_args[name] = value
+            values.pop(name, None)
+    given = {**values, **training_args}
+    if pruning and "eval_strategy" not in given and "eval_steps" not in given:
+        training_args.update(eval_strategy="steps", eval_steps=0.25)  # four evaluations a trial
+    return FinetunePass.model_validate({**values, "training_args": training_args})
+
+
+def _sampler(kind: str, space: dict[str, Dimension], seed: int) -> Any:
+    import optuna
+
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.GridSampler({name: _grid(dim) for name, dim in space.items()}, seed=seed)
+
+
+def _grid(dim: Dimension) -> list[Any]:
+    if dim.values is not None:
+        return list(dim.values)
+    step = dim.step or 1
+    count = int(round((dim.high - dim.low) / step)) + 1
+    values = [dim.low + i * step for i in range(count)]
+    return [int(v) for v in values] if dim.type == "int" else values
+
+
+def _suggest(trial: Any, name: str, dim: Dimension) -> Any:
+    if dim.type in ("choice", "categorical"):
+        return trial.suggest_categorical(name, [_hashable(v) for v in dim.values])
+    if dim.type == "int":
+        return trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+    return trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+def _hashable(value: Any) -> Any:
+    """optuna's choices are scalars; a list choice (target_modules) travels as a comma-joined string."""
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def _row(cells: list[Any]) -> str:
+    return "  ".join(f"{_fmt(c):>12}" for c in cells)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
