@@ -367,6 +367,11 @@ def validate(raw: dict[str, Any], source: str | None = None) -> Workflow:
         parsed = _parse_pass(name, p, problems)
         if parsed is not None:
             passes[name] = parsed
+    space = raw.get("search_space")
+    allowed = search_options()
+    problems += [f"search_space.{option}: the fine-tuning pass has no option {option!r}; search over its settings "
+                 f"(learning_rate, lora_r, lora_alpha, lora_dropout, batch_size, target_modules, num_train_epochs, "
+                 f"...)" for option in (space if isinstance(space, dict) else ()) if option not in allowed]
     if spec is not None:
         problems += _cross_checks(spec, passes)
     if problems:
@@ -385,10 +390,15 @@ def _parse_pass(name: str, raw: Any, problems: list[str]) -> BaseModel | None:
     if schema is None:
         problems.append(f"passes.{name}.type: unknown pass type {spec.type!r}; known: {', '.join(PASS_SCHEMAS)}")
         return None
+    if schema is FinetunePass:
+        keys = [*spec.config, *(spec.config.get("training_args") or {})]
+        problems += [f"passes.{name}.config.{k}: unknown option; use a LoRA setting (r, alpha, lora_dropout, "
+                     f"target_modules, ...) or a Hugging Face TrainingArguments name"
+                     for k in keys if k not in finetune_option_names()]
     try:
         return schema.model_validate(spec.config)
     except ValidationError as err:
-        problems += describe(err, f"passes.{name}.config")
+        problems += [p for p in describe(err, f"passes.{name}.config") if not p.endswith("unknown key")]
         return None
 
 
@@ -415,10 +425,8 @@ def _cross_checks(spec: WorkflowSpec, passes: dict[str, BaseModel]) -> list[str]
             if not names:
                 problems.append(f"passes.{name}: a fine-tuning pass needs data_configs")
                 continue
-            found = _training_args_problems(name, p)
-            if not found and not problems and spec.model is not None:
-                found = _finetune_problems(spec, name, p)
-            problems += found
+            if not problems and spec.model is not None:
+                problems += _finetune_problems(spec, name, p)
     if spec.search_strategy is not None:
         problems += _search_problems(spec, passes, finetunes)
     elif spec.search_space:
@@ -464,22 +472,20 @@ def _finetune_problems(spec: WorkflowSpec, name: str, p: FinetunePass) -> list[s
     return []
 
 
-def _training_args_problems(name: str, p: FinetunePass) -> list[str]:
+def finetune_option_names() -> set[str]:
+    """What a fine-tuning pass accepts: its own settings (Olive's names too), every `slmops finetune`
+    option, and every Hugging Face TrainingArguments name."""
     from transformers import TrainingArguments
 
-    known = set(TrainingArguments.__dataclass_fields__) | set(FinetuneConfig.model_fields)
-    unknown = [k for k in {**(p.model_extra or {}), **p.training_args} if k not in known]
-    return [f"passes.{name}.config.{k}: unknown option; use a LoRA setting (r, alpha, lora_dropout, "
-            f"target_modules, ...) or a Hugging Face TrainingArguments name" for k in unknown]
+    own = {info.alias for info in FinetunePass.model_fields.values() if info.alias} | set(FinetunePass.model_fields)
+    return own | set(FinetuneConfig.model_fields) | set(TrainingArguments.__dataclass_fields__)
 
 
 def search_options() -> set[str]:
-    """Names a search space may vary: the fine-tuning pass's options and TrainingArguments."""
-    from transformers import TrainingArguments
-
-    fields = {f.alias or n for n, f in FinetunePass.model_fields.items()} | set(FinetunePass.model_fields)
-    return (fields - {"loss", "train_data_config", "eval_data_config", "training_args", "output_path",
-                      "overwrite", "resume_from_checkpoint"}) | set(TrainingArguments.__dataclass_fields__) | set(ALIASES)
+    """Names a search space may vary: the fine-tuning pass's options, TrainingArguments, and aliases."""
+    return finetune_option_names() - {"loss", "train_data_config", "eval_data_config", "training_args",
+                                      "output_path", "overwrite", "resume_from_checkpoint", "model_name_or_path",
+                                      "method", "logging_dir"} | set(ALIASES)
 
 
 ALIASES = {"batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs"}
@@ -492,12 +498,7 @@ def _search_problems(spec: WorkflowSpec, passes: dict[str, BaseModel], finetunes
     if not spec.search_space:
         problems.append("search_space: empty; name at least one option, e.g. learning_rate: {type: float, "
                         "low: 1e-5, high: 1e-3, log: true}")
-    allowed = search_options()
     for option, dim in spec.search_space.items():
-        if option not in allowed:
-            problems.append(f"search_space.{option}: the fine-tuning pass has no option {option!r}; search "
-                            f"over its settings (learning_rate, lora_r, lora_alpha, lora_dropout, batch_size, "
-                            f"target_modules, num_train_epochs, ...)")
         if spec.search_strategy.type == "grid" and dim.type == "float" and dim.step is None:
             problems.append(f"search_space.{option}: a grid search needs `step` for a float range (or use "
                             f"type: choice)")

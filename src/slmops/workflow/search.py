@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ def search(step: Step) -> ModelRef:
         params = {name: _suggest(trial, name, dim) for name, dim in space.items()}
         folder = step.out / "trials" / f"trial-{trial.number:03d}"
         trial.set_user_attr("folder", str(folder))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = Pruning(trial, metric)
         settings = _with(step.settings, params, strategy.pruning)
         finetune(Step(step.name, step.type, settings, wf, step.model, folder, True, callbacks=(pruning,)))
