@@ -57,7 +57,7 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     model = run_workflow(wf, search_only=searching)
     if wf.spec.search_strategy is not None:
-        from slmops.workflow.config import FINETUNE_TYPES
+        from slmops.workflow.schema import FINETUNE_TYPES
         from slmops.workflow.search import summary
 
         searched = next(step for step in plan(wf) if step["type"] in FINETUNE_TYPES)

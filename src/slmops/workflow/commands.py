@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from slmops.workflow.config import FINETUNE_TYPES
+from slmops.workflow.schema import FINETUNE_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import UsageError
-from slmops.workflow.config import FINETUNE_TYPES, FinetunePass, Workflow, finetune_options
+from slmops.workflow.config import finetune_options
+from slmops.workflow.schema import FINETUNE_TYPES, FinetunePass, Workflow
 from slmops.workflow.passes import PASSES, ModelRef, Step, clear, read_json
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from slmops.errors import UsageError
-from slmops.workflow.config import FINETUNE_TYPES, Workflow, finetune_options
+from slmops.workflow.config import finetune_options
+from slmops.workflow.schema import FINETUNE_TYPES, Workflow
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from slmops.errors import UsageError
-from slmops.workflow.config import ALIASES, Dimension, FinetunePass
+from slmops.workflow.schema import ALIASES, Dimension, FinetunePass
 from slmops.workflow.passes import ModelRef, Step, finetune, read_json
 
 log = logging.getLogger(__name__)
