@@ -319,3 +319,27 @@ def test_two_workers_share_one_sqlite_study(tiny_llama, sentiment_file, tmp_path
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 4 and len({t.number for t in finished}) == 4
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers took trials
+
+
+def test_onnx_passes_quantize_extract_adapters_and_evaluate(tiny_llama, sentiment_file, tmp_path):
+    import onnx
+
+    out = tmp_path / "run"
+    cfg = chain(tiny_llama, sentiment_file, out)
+    cfg["passes"] = {"onnx": {"type": "OnnxConversion", "config": {"parity_prompts": 2}},
+                     "int4": {"type": "OnnxQuantization", "config": {"precision": "int4", "parity_prompts": 2}},
+                     "score": {"type": "Evaluate", "config": {"metrics": ["accuracy"], "max_samples": 4}}}
+    assert main(["run", "--config", str(write_config(tmp_path / "q.json", json.dumps(cfg)))]) == 0
+    graph = onnx.load(out / "int4" / "model.onnx", load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert json.loads((out / "int4" / "manifest.json").read_text())["options"]["precision"] == "int4"
+    assert json.loads((out / "score" / "results.json").read_text())["model"] == str(out / "int4")
+
+    cfg["output_dir"] = str(tmp_path / "run2")
+    cfg["passes"] = {"lora": {"type": "LoRA", "config": {"r": 4, "max_steps": 2, "task_name": "tone"}},
+                     "multi": {"type": "ExtractAdapters", "config": {"parity_prompts": 1}},
+                     "score": {"type": "Evaluate", "config": {"metrics": ["accuracy"], "max_samples": 4}}}
+    assert main(["run", "--config", str(write_config(tmp_path / "x.json", json.dumps(cfg)))]) == 0
+    assert (tmp_path / "run2" / "multi" / "adapters" / "tone.onnx_adapter").is_file()
+    results = json.loads((tmp_path / "run2" / "score" / "results.json").read_text())
+    assert results["adapter"] == "tone" and results["backend"].lower().startswith("onnx")

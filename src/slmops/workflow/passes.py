@@ -120,7 +120,10 @@ def extract_adapters(step: Step) -> ModelRef:
     device, provider = _device(step)
     generate_adapter(source.path, adapters, str(step.out), s.adapter_names, device, provider, s.precision,
                      step.trust_remote_code, step.overwrite(), s.parity_prompts)
-    return ModelRef(str(step.out), onnx=True, source=asdict(ModelRef(source.path)))
+    names = list(read_json(step.out / "manifest.json")["resolved"]["adapters"])
+    # One adapter: later passes (Evaluate) use it by name; several: the plain base, as at run time.
+    return ModelRef(str(step.out), names[0] if len(names) == 1 else None, onnx=True,
+                    source=asdict(ModelRef(source.path)))
 
 
 def evaluate(step: Step) -> ModelRef:
