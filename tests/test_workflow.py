@@ -141,7 +141,9 @@ def test_cache_is_keyed_by_model_content_not_path(tiny_llama, tokenizer_dir, sen
     shutil.copytree(tiny_llama, model)
     cfg = chain(model, sentiment_file, tmp_path / "run")
     cfg["passes"] = {"lora": cfg["passes"]["lora"]}
-    assert main(["run", "--config", str(write_config(tmp_path / "f.json", json.dumps(cfg)))]) == 0
+    import slmops
+
+    assert slmops.run(cfg).adapter == str(tmp_path / "run" / "lora" / "adapter")  # the Python API
     assert plan(validate(cfg))[0]["done"]
 
     from conftest import build_model  # another model under the same path (Olive #1936)

@@ -3,19 +3,26 @@
 The API is imported lazily so that `slmops --help` does not pay for torch and transformers.
 """
 
+from importlib import import_module
 from typing import Any
 
 from slmops.errors import UsageError
 
-__all__ = ["UsageError", "finetune", "generate"]
+# name -> (module, attribute): the Python equivalent of each command
+_API = {
+    "finetune": ("slmops.training.finetune", "finetune"),
+    "generate": ("slmops.generation", "generate"),
+    "evaluate": ("slmops.evaluation.run", "evaluate"),
+    "auto_opt": ("slmops.export.auto_opt", "auto_opt"),
+    "generate_adapter": ("slmops.export.multi_adapter", "generate_adapter"),
+    "run": ("slmops.workflow.engine", "run"),
+}
+__all__ = ["UsageError", *_API]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "finetune":
-        from slmops.training.finetune import finetune
-        return finetune
-    if name == "generate":
-        from slmops.generation import generate
-        return generate
+    if name in _API:
+        module, attribute = _API[name]
+        return getattr(import_module(module), attribute)
     raise AttributeError(f"module 'slmops' has no attribute {name!r}")

@@ -29,6 +29,13 @@ PASS_FILE = "pass.json"
 NOT_KEYED = {"output_path", "overwrite", "resume_from_checkpoint", "parity_prompts", "logging_dir"}
 
 
+def run(config: str | os.PathLike | dict[str, Any], search_only: bool = False) -> ModelRef:
+    """`slmops run --config`: a workflow file (or the same as a dict) run to its final model."""
+    from slmops.workflow.config import load_workflow, validate
+
+    return run_workflow(validate(config) if isinstance(config, dict) else load_workflow(str(config)), search_only)
+
+
 def plan(wf: Workflow) -> list[dict[str, Any]]:
     """Each pass with its folder, key and whether it would run; no model is loaded."""
     model_key = input_key(wf)
