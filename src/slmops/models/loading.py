@@ -62,12 +62,28 @@ def tokenizer_folder(adapter: Path | None, base: str) -> str:
     return base
 
 
-def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
-               quantization_config: Any = None, device_map: Any = None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def is_encoder(path: str, trust_remote_code: bool = False) -> bool:
+    """A BERT-like encoder (all-MiniLM, RoBERTa, ...): it trains on sentence pairs and loads without a
+    language-model head. AutoModelForCausalLM would bolt a random head onto it instead."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _not_found(path, err) from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
+            and not config.is_encoder_decoder and not causal & set(config.architectures or ()))
+
+
+def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
+               quantization_config: Any = None, device_map: Any = None, encoder: bool = False) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    try:
+        return (AutoModel if encoder else AutoModelForCausalLM).from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code,
             quantization_config=quantization_config, device_map=device_map)
     except (OSError, ValueError) as err:

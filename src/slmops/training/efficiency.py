@@ -84,6 +84,12 @@ def use_segmented_attention(model: nn.Module) -> bool:
     return True
 
 
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model can skip the vocabulary projection at positions nobody reads."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def supports_packing(model: nn.Module) -> bool:
     """Whether this model keeps packed rows apart and can compute logits at chosen positions.
 
@@ -91,8 +97,7 @@ def supports_packing(model: nn.Module) -> bool:
     (a model whose attention ignores `position_ids` boundaries would mix the rows). transformers
     separates packed rows only without a KV cache, so training must run with `use_cache=False`.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+    if not takes_logits_to_keep(model):
         return False
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
