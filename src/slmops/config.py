@@ -7,9 +7,11 @@ Our own options are fields; every Hugging Face `TrainingArguments` option travel
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from slmops.errors import UsageError
 
@@ -81,9 +83,17 @@ class DataConfig(BaseModel):
             raise UsageError(_describe(err)) from None
 
 
+# Built-in losses by name (slmops.training.losses.BUILTINS holds them); anything else is FILE.py:ClassName.
+LOSSES = ("cross_entropy", "label_smoothing", "contrastive")
+TOKEN_LOSSES = ("cross_entropy", "label_smoothing")
+USER_LOSS = re.compile(r".+\.py:[A-Za-z_]\w*")
+
+
 class FinetuneConfig(DataConfig):
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     packing: bool = True
+    text_pair_field: str | None = None  # sentence-pair rows: --text_field and this column, plus a 0/1 label
+    pair_label_field: str = "label"
     # method
     method: Method = "lora"
     lora_r: int = 16
@@ -91,6 +101,8 @@ class FinetuneConfig(DataConfig):
     lora_dropout: float = 0.05
     target_modules: list[str] | None = None
     modules_to_save: list[str] | None = None
+    loss: str = "cross_entropy"
+    loss_args: dict[str, Any] = {}
     # run
     output_path: str
     task_name: str | None = None
@@ -102,8 +114,51 @@ class FinetuneConfig(DataConfig):
     logging_dir: str | None = None
     training_args: dict[str, Any] = {}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_block(cls, options: Any) -> Any:
+        """A config file's `loss: {type: ..., args: {...}}` is the same as `loss` plus `loss_args`."""
+        if isinstance(options, dict) and isinstance(options.get("loss"), dict):
+            block = dict(options["loss"])
+            unknown = sorted(set(block) - {"type", "args"})
+            if unknown or "type" not in block:
+                raise ValueError(f"loss: expected {{type: NAME or FILE.py:ClassName, args: {{...}}}}, got keys "
+                                 f"{', '.join(map(str, block)) or 'none'}")
+            options = {**options, "loss": block["type"], "loss_args": block.get("args") or {}}
+        return options
+
+    @field_validator("loss_args", mode="before")
+    @classmethod
+    def _json_args(cls, value: Any) -> Any:
+        """The CLI passes --loss_args as JSON text."""
+        if not isinstance(value, str):
+            return value
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err}); give an object such as '{{\"margin\": 1.0}}'") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object such as '{{\"margin\": 1.0}}', got {json.dumps(value)}")
+        return value
+
     def _problems(self) -> list[str]:
         problems = super()._problems()
+        if self.loss not in LOSSES and not USER_LOSS.fullmatch(self.loss):
+            problems.append(f"--loss: got {self.loss!r}; give a built-in ({', '.join(LOSSES)}) or "
+                            f"FILE.py:ClassName naming your torch.nn.Module")
+        if self.text_pair_field:
+            if not self.text_field or self.use_chat_template:
+                problems.append("--text_pair_field pairs two text columns: name the first with --text_field "
+                                "(no --text_template or --use_chat_template)")
+            if self.loss in TOKEN_LOSSES:
+                problems.append(f"--loss {self.loss} predicts tokens; sentence pairs (--text_pair_field) need "
+                                f"--loss contrastive or your own FILE.py:ClassName")
+            if self.eval_metrics:
+                problems.append("--eval_metrics score generated responses; sentence pairs (--text_pair_field) "
+                                "have none: drop --eval_metrics")
+        elif self.loss == "contrastive":
+            problems.append("--loss contrastive compares sentence pairs: name the second text column with "
+                            "--text_pair_field (and its 0/1 label column with --pair_label_field)")
         if self.method == "full" and self.merge:
             problems.append("--merge has nothing to merge with --method full (it writes model/ already)")
         if self.lora_r <= 0:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import types
 import typing
 
 
-from slmops.cli import add_log_level, str2bool
+from slmops.cli import add_log_level, add_save_config, str2bool
 from slmops.config import METHODS
 
 # TrainingArguments fields we own, or that make no sense on a command line.
@@ -28,6 +29,10 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     data.add_argument("--packing", type=str2bool, nargs="?", const=True, default=True,
                       help="lay each batch's rows end to end without padding, attention kept inside each row, "
                            "where the model supports it (default true; same examples and loss, less compute)")
+    data.add_argument("--text_pair_field", help="sentence pairs: the second text column (the first is "
+                                                "--text_field), for --loss contrastive or your own pair loss")
+    data.add_argument("--pair_label_field",
+                      help="with --text_pair_field: the column holding 1 (similar pair) or 0 (default: label)")
 
     a = p.add_argument_group("method")
     a.add_argument("--method", default="lora", choices=METHODS, metavar="{" + ",".join(METHODS) + "}",
@@ -38,6 +43,11 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     a.add_argument("--target_modules", type=_csv,
                    help="comma-separated layer names (default: every linear layer except the LM head)")
     a.add_argument("--modules_to_save", type=_csv, help="comma-separated layers trained fully besides the adapter")
+    a.add_argument("--loss", default="cross_entropy",
+                   help="cross_entropy (default, on the response tokens), label_smoothing, contrastive (sentence "
+                        "pairs), or FILE.py:ClassName, your torch.nn.Module called as loss(outputs, batch)")
+    a.add_argument("--loss_args", type=_json_object, default={},
+                   help="""the loss's keyword arguments as a JSON object, e.g. '{"margin": 1.0}'""")
 
     r = p.add_argument_group("run")
     r.add_argument("-o", "--output_path", required=True, help="output folder (adapter/, model/, manifest.json)")
@@ -52,6 +62,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
                                                      "accuracy (responses greedy decoding gets exactly right)")
     r.add_argument("--resume_from_checkpoint", help="checkpoint folder, or 'auto' for the latest in this run")
     r.add_argument("--logging_dir", help="TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
+    add_save_config(r)
     add_log_level(r)
 
     if full:
@@ -112,18 +123,22 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.training.finetune import Interrupted, finetune
+    from slmops.config import FinetuneConfig
+    from slmops.training.finetune import Interrupted
+    from slmops.workflow.commands import finetune_workflow, run_command
 
     options = vars(args).copy()
-    for key in ("command", "log_level"):
+    for key in ("command", "log_level", "save_config_file"):
         options.pop(key)
-    training_args = {k[3:]: options.pop(k) for k in list(options) if k.startswith("ta_")}
+    options = {k: v for k, v in options.items() if v is not None}  # unset: the option's default
+    options["training_args"] = {k[3:]: options.pop(k) for k in list(options) if k.startswith("ta_")}
+    FinetuneConfig.build(**options)  # problems reported under the flags' names, before any loading
     try:
-        out = finetune(training_args=training_args, **options)
+        run_command(finetune_workflow(options), args.save_config_file)
     except Interrupted as err:
         print(f"slmops finetune: {err}", file=sys.stderr)
         return 130
-    print(f"wrote {out}")
+    print(f"wrote {args.output_path}")
     return 0
 
 
@@ -148,6 +163,15 @@ def _scalar_type(annotation: typing.Any) -> type:
         if candidate in args:
             return candidate
     return str
+
+
+def _json_object(value: str) -> dict | str:
+    """A JSON object as a dict; anything else stays text, for FinetuneConfig to reject in one line."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    return parsed if isinstance(parsed, dict) else value
 
 
 def _csv(value: str) -> list[str]:

@@ -55,7 +55,15 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(_plan_table(wf, plan(wf)))
         return 0
-    model = run_workflow(wf, search_only=searching)
+    from slmops.training.finetune import Interrupted
+
+    try:
+        model = run_workflow(wf, search_only=searching)
+    except Interrupted as err:
+        print(f"slmops {args.command}: interrupted: checkpoint saved in {err.checkpoint}; run the same command "
+              f"again to continue (a fine-tuning pass resumes from its checkpoint, a search keeps its finished "
+              f"trials)", file=sys.stderr)
+        return 130
     if wf.spec.search_strategy is not None:
         from slmops.workflow.schema import FINETUNE_TYPES
         from slmops.workflow.search import summary

@@ -22,16 +22,18 @@ from transformers.trainer_utils import get_last_checkpoint
 from slmops.config import FinetuneConfig
 from slmops.data import prepare_data
 from slmops.data.collate import Collator
+from slmops.data.pairs import PairCollator, prepare_pairs
 from slmops.errors import UsageError, first_line
 from slmops.evaluation import forgetting
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
-from slmops.models.loading import linear_module_names, load_model, load_tokenizer, resolve
+from slmops.models.loading import is_encoder, linear_module_names, load_model, load_tokenizer, resolve
 from slmops.outputs import publish, refuse_existing
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
-from slmops.training.efficiency import (causal_lm_loss, supports_packing, use_fast_dropout,
+from slmops.training.efficiency import (causal_lm_loss, supports_packing, takes_logits_to_keep, use_fast_dropout,
                                         use_segmented_attention)
+from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.metrics import compute_metrics, response_correct
 from slmops.training.preflight import preflight
 
@@ -39,7 +41,11 @@ log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint."""
+    """Training stopped on a signal after saving a checkpoint (`checkpoint`)."""
+
+    def __init__(self, message: str, checkpoint: str | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 def finetune(callbacks: Sequence[TrainerCallback] = (), **options: Any) -> Path:
@@ -63,27 +69,41 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     set_seed(cfg.seed)
 
     model_path = resolve(cfg.model_name_or_path)
+    loss, loss_record = build_loss(cfg.loss, cfg.loss_args)
+    pairs = cfg.text_pair_field is not None
+    encoder = is_encoder(model_path, cfg.trust_remote_code)
+    if encoder and not pairs:
+        raise UsageError(f"{cfg.model_name_or_path} is an encoder without a language-model head: train it on "
+                         f"sentence pairs (--text_pair_field, --loss contrastive; see docs/custom-loss.md)")
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_pairs(cfg, tokenizer) if pairs else prepare_data(cfg, tokenizer)
     amp = autocast_dtype(cfg)
     args = build_training_args(cfg, work / "checkpoints", amp)
-    model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing)
-    packing = cfg.packing and supports_packing(model)
-    if cfg.packing and not packing:
+    if encoder:
+        args.label_names = ["labels"]  # an encoder's forward takes no labels, so the Trainer cannot infer them
+    model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing, encoder)
+    packing = cfg.packing and not pairs and supports_packing(model)
+    if cfg.packing and not pairs and not packing:
         log.info("this model cannot keep packed rows apart; padding each batch instead")
     if packing:
         args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
-    collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing)
+    if pairs:
+        collator = PairCollator(tokenizer.pad_token_id, skip_logits=takes_logits_to_keep(model))
+    else:
+        collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing and reads_kept_logits(loss))
 
     work.mkdir(parents=True, exist_ok=True)
     stop = GracefulStop()
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     metrics_log = MetricsLog(work / "metrics.jsonl")
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                      data_collator=collator, compute_loss_func=causal_lm_loss, processing_class=tokenizer,
+                      data_collator=collator, compute_loss_func=causal_lm_loss if loss is None else None,
+                      processing_class=tokenizer,
                       compute_metrics=compute_metrics if cfg.eval_metrics else None,
                       preprocess_logits_for_metrics=response_correct if cfg.eval_metrics else None,
                       callbacks=[metrics_log, Progress(), stop, *extra, *callbacks])
+    if loss is not None:
+        use_loss(trainer, loss)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.callback_handler.callbacks.insert(0, Resources())  # before TensorBoard and metrics.jsonl see the logs
@@ -91,20 +111,22 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         if isinstance(cb, TensorBoardCallback):  # transformers 5 dropped TrainingArguments.logging_dir
             cb.logging_dir = str(Path(cfg.logging_dir or work / "logs").expanduser())
     estimate = preflight(trainer, amp)
-    general_before = forgetting.reference_perplexity(model, tokenizer) if trainer.is_world_process_zero() else None
+    lm = trainer.is_world_process_zero() and not encoder  # an encoder has no perplexity to check
+    general_before = forgetting.reference_perplexity(model, tokenizer) if lm else None
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
         stop.uninstall()
     if stop.received is not None:
-        raise Interrupted(f"interrupted: checkpoint saved in {get_last_checkpoint(str(work / 'checkpoints'))}; "
-                          f"continue with the same command plus --resume_from_checkpoint auto")
+        last = get_last_checkpoint(str(work / "checkpoints"))
+        raise Interrupted(f"interrupted: checkpoint saved in {last}; continue with the same command plus "
+                          f"--resume_from_checkpoint auto", last)
     eval_metrics = _final_eval(trainer)
     if not trainer.is_world_process_zero():
         return out
     general = forgetting.compare(general_before, forgetting.reference_perplexity(
-        trainer.accelerator.unwrap_model(trainer.model), tokenizer))
+        trainer.accelerator.unwrap_model(trainer.model), tokenizer)) if lm else None
     _save(cfg, trainer, tokenizer, model_path, work)
     runtime = result.metrics.get("train_runtime") or 1e-9
     training = max(runtime - metrics_log.eval_seconds, 1e-9)  # tokens/s counts training, not evaluations
@@ -125,7 +147,7 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "forgetting": general,
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
-        "model_path": model_path, "target_modules": targets, "packing": packing,
+        "model_path": model_path, "target_modules": targets, "packing": packing, "loss": loss_record,
         "autocast_dtype": str(amp).removeprefix("torch."), "device": str(args.device), "world_size": args.world_size,
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
@@ -186,11 +208,11 @@ def _plan_output(cfg: FinetuneConfig, out: Path, work: Path) -> str | None:
     return None
 
 
-def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpointing: bool):
+def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpointing: bool, encoder: bool):
     method = METHODS[cfg.method]
     if method.quantized:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_gpu(cfg) else "cpu"
-        model = load_model(model_path, amp, cfg.trust_remote_code, quantization_config(amp), {"": device})
+        model = load_model(model_path, amp, cfg.trust_remote_code, quantization_config(amp), {"": device}, encoder)
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))
         keep_4bit_trainable(model)
@@ -200,16 +222,20 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
         base_dtype = amp if method.build is not None else torch.float32
         if cfg.torch_dtype != "auto":
             base_dtype = getattr(torch, cfg.torch_dtype)
-        model = load_model(model_path, base_dtype, cfg.trust_remote_code)
+        model = load_model(model_path, base_dtype, cfg.trust_remote_code, encoder=encoder)
     model.config.use_cache = False
-    if cfg.packing and not on_gpu(cfg):  # measured on CPU; GPUs run masked attention over a packed row well
+    # measured on CPU; GPUs run masked attention over a packed row well. Pairs are padded, never packed.
+    if cfg.packing and not cfg.text_pair_field and not on_gpu(cfg):
         use_segmented_attention(model)
     targets = cfg.target_modules or linear_module_names(model)
     if method.build is None:
         return model, []
     from peft import get_peft_model
+    peft_config = method.build(cfg, targets, model)
+    if encoder:
+        peft_config.task_type = "FEATURE_EXTRACTION"  # peft's causal-LM wrapper needs generation methods
     try:
-        model = get_peft_model(model, method.build(cfg, targets, model))
+        model = get_peft_model(model, peft_config)
     except ValueError as err:
         raise UsageError(f"--method {cfg.method} with --target_modules {','.join(targets)}: "
                          f"{first_line(err)}; layers with weights here: "
@@ -233,7 +259,8 @@ def _save(cfg: FinetuneConfig, trainer: Trainer, tokenizer: Any, model_path: str
     if cfg.merge:
         # Merge into a full-precision copy of the base: merging into bf16 or 4-bit weights loses precision.
         from peft import PeftModel
-        base = load_model(model_path, torch.float32, cfg.trust_remote_code)
+        base = load_model(model_path, torch.float32, cfg.trust_remote_code,
+                          encoder=is_encoder(model_path, cfg.trust_remote_code))
         merged = PeftModel.from_pretrained(base, work / "adapter").merge_and_unload()
         merged.config.use_cache = True
         merged.save_pretrained(work / "model")

@@ -39,7 +39,7 @@ def run(config: str | os.PathLike | dict[str, Any], search_only: bool = False) -
 def plan(wf: Workflow) -> list[dict[str, Any]]:
     """Each pass with its folder, key and whether it would run; no model is loaded."""
     model_key = input_key(wf)
-    steps = []
+    steps, earlier_runs = [], False
     for name, settings in wf.passes.items():
         kind = wf.spec.passes[name].type
         key = _digest({"type": kind, "settings": _keyed(wf, name, settings), "input": model_key,
@@ -47,7 +47,8 @@ def plan(wf: Workflow) -> list[dict[str, Any]]:
         out = _folder(wf, name, settings)
         record = read_json(out / PASS_FILE) or {}
         forced = bool(getattr(settings, "overwrite", False))  # --overwrite asks for a fresh run
-        done = record.get("key") == key and "output_model" in record and not forced
+        done = record.get("key") == key and "output_model" in record and not forced and not earlier_runs
+        earlier_runs = earlier_runs or not done  # a pass that runs again is followed by its consumers
         steps.append({"name": name, "type": kind, "folder": str(out), "key": key, "done": done})
         model_key = key
     return steps
@@ -128,8 +129,9 @@ def _keyed(wf: Workflow, name: str, settings: Any) -> dict[str, Any]:
         options = finetune_options(wf.spec, name, settings, "-")
         options.pop("model_name_or_path")
         loss = options.get("loss") or ""
-        if ":" in loss:  # a user's loss file: its content is part of the recipe
-            options["loss_file"] = file_digest(Path(loss.rsplit(":", 1)[0]).expanduser())
+        loss_file = Path(loss.rsplit(":", 1)[0]).expanduser() if ":" in loss else None
+        if loss_file is not None and loss_file.is_file():  # a user's loss: its code is part of the recipe
+            options["loss_file"] = file_digest(loss_file)  # (a missing file is finetune's to report)
         if wf.spec.search_strategy is not None and name == _searched(wf):
             options["search"] = wf.spec.model_dump(mode="json", include={"search_strategy", "search_space"})
         return {k: v for k, v in options.items() if k not in NOT_KEYED}

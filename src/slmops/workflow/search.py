@@ -55,7 +55,7 @@ def search(step: Step) -> ModelRef:
         engine_kwargs={"connect_args": {"timeout": 120}} if not strategy.storage else {},
         heartbeat_interval=30, grace_period=120,
         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user as ours
     study = optuna.create_study(
         study_name=strategy.study_name or f"{step.name}-{step.key[:12]}", storage=storage, load_if_exists=True,
         direction=strategy.goal, sampler=_sampler(strategy.type, space, strategy.seed),
