@@ -119,6 +119,8 @@ def test_chain_finetune_merge_export_evaluate_and_partial_reruns(tiny_llama, sen
     results = json.loads((out / "score" / "results.json").read_text())
     assert results["backend"].lower().startswith("onnx") and results["metrics"]["accuracy"] >= 0
     assert results["data"]["rows"] == 8
+    for name in ("lora", "merge", "onnx", "score"):  # every pass folder says how it was made
+        assert json.loads((out / name / "manifest.json").read_text())["versions"]["slmops"]
 
     cfg["passes"]["score"]["config"]["metrics"] = ["accuracy", "f1"]  # only the evaluation changes
     config.write_text(json.dumps(cfg))
@@ -345,3 +347,17 @@ def test_onnx_passes_quantize_extract_adapters_and_evaluate(tiny_llama, sentimen
     assert (tmp_path / "run2" / "multi" / "adapters" / "tone.onnx_adapter").is_file()
     results = json.loads((tmp_path / "run2" / "score" / "results.json").read_text())
     assert results["adapter"] == "tone" and results["backend"].lower().startswith("onnx")
+
+
+def test_grid_search_tries_each_choice_once(tiny_llama, sentiment_file, tmp_path, capsys):
+    cfg = search_config(tiny_llama, sentiment_file, tmp_path / "run", trials=4, steps=2)
+    cfg["search_strategy"] = {"type": "grid", "num_trials": 4}
+    cfg["search_space"] = {"lora_r": {"type": "choice", "values": [2, 4]},
+                           "target_modules": {"type": "choice", "values": [["q_proj"], ["q_proj", "v_proj"]]}}
+    assert main(["run", "--config", str(write_config(tmp_path / "g.json", json.dumps(cfg)))]) == 0
+    trials = json.loads((tmp_path / "run" / "lora" / "search_results.json").read_text())["trials"]
+    assert sorted((t["lora_r"], t["target_modules"]) for t in trials) == [
+        (2, "q_proj"), (2, "q_proj,v_proj"), (4, "q_proj"), (4, "q_proj,v_proj")]
+    for t in trials:
+        options = json.loads((Path(t["folder"]) / "manifest.json").read_text())["options"]
+        assert options["target_modules"] == t["target_modules"].split(",")

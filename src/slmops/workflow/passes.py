@@ -128,6 +128,7 @@ def extract_adapters(step: Step) -> ModelRef:
 
 def evaluate(step: Step) -> ModelRef:
     from slmops.evaluation.run import evaluate as run_evaluate
+    from slmops.manifest import write_manifest
     from slmops.outputs import publish, work_dir
 
     s = step.settings
@@ -141,6 +142,9 @@ def evaluate(step: Step) -> ModelRef:
                            trust_remote_code=step.trust_remote_code, **options)
     work = work_dir(step.out)
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    write_manifest(work / "manifest.json", "evaluate", {"model_name_or_path": step.model.path,
+                                                        "adapter_path": step.model.adapter, **s.model_dump()},
+                   {}, results["data"], {"metrics": results["metrics"]})
     publish(work, step.out)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items() if isinstance(v, float))
     log.info("%s: %s", step.name, shown)

@@ -170,7 +170,7 @@ def _sampler(kind: str, space: dict[str, Dimension], seed: int) -> Any:
 
 def _grid(dim: Dimension) -> list[Any]:
     if dim.values is not None:
-        return list(dim.values)
+        return [_hashable(v) for v in dim.values]
     step = dim.step or 1
     count = int(round((dim.high - dim.low) / step)) + 1
     values = [dim.low + i * step for i in range(count)]
