@@ -81,15 +81,16 @@ class LoadDataset(Strict):
 
 
 class PreProcess(Strict):
+    """`slmops finetune`'s data options; unset ones take DataConfig's defaults (kept in one place)."""
     text_template: str | None = None
     text_field: str | None = None
-    use_chat_template: bool = False
-    max_seq_len: PosInt = 1024
+    use_chat_template: bool | None = None
+    max_seq_len: PosInt | None = None
     max_samples: PosInt | None = None
-    train_on_prompt: bool = False
-    add_eos: bool = True
-    eval_fraction: float = 0.1
-    max_eval_samples: PosInt = 1000
+    train_on_prompt: bool | None = None
+    add_eos: bool | None = None
+    eval_fraction: float | None = None
+    max_eval_samples: PosInt | None = None
     # Olive's text-container options; slmops keeps one row per example and pads nothing, so these
     # have no effect (documented in docs/workflows.md).
     strategy: str | None = None
@@ -111,7 +112,8 @@ class DataSpec(Strict):
         load, pre = self.load_dataset_config, self.pre_process_data_config
         files = [load.data_files] if isinstance(load.data_files, str) else load.data_files
         return {"data_name": load.data_name, "data_files": files, "train_split": load.split,
-                "train_subset": load.subset, **pre.model_dump(include=set(DataConfig.model_fields))}
+                "train_subset": load.subset,
+                **pre.model_dump(include=set(DataConfig.model_fields), exclude_none=True)}
 
 
 # ---- search ------------------------------------------------------------------------------------
