@@ -108,6 +108,7 @@ class FinetuneConfig(DataConfig):
     task_name: str | None = None
     overwrite: bool = False
     merge: bool = False
+    quantization_aware: Literal["int4"] | None = None
     early_stopping_patience: int | None = None
     eval_metrics: list[str] | None = None
     resume_from_checkpoint: str | None = None
@@ -161,6 +162,12 @@ class FinetuneConfig(DataConfig):
                             "--text_pair_field (and its 0/1 label column with --pair_label_field)")
         if self.method == "full" and self.merge:
             problems.append("--merge has nothing to merge with --method full (it writes model/ already)")
+        if self.quantization_aware and self.method in ("full", "qlora"):
+            problems.append(f"--quantization_aware trains an adapter against a frozen int4-rounded base; "
+                            f"--method {self.method} has no such base (use lora, dora, loha, lokr or ia3)")
+        if self.quantization_aware and self.merge:
+            problems.append("--quantization_aware with --merge: merging into float weights undoes what the "
+                            "adapter learned; export it with auto-opt --precision int4 instead (kept unmerged)")
         if self.lora_r <= 0:
             problems.append(f"--lora_r must be a positive integer, got {self.lora_r}")
         if self.lora_alpha <= 0:

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
                    help="replace an existing --output_path")
     r.add_argument("--merge", type=str2bool, nargs="?", const=True, default=False,
                    help="also write the base model with the adapter merged in, as model/")
+    r.add_argument("--quantization_aware", choices=["int4"],
+                   help="train the adapter against the base weights rounded as an int4 ONNX export holds them; "
+                        "`auto-opt --precision int4` then keeps the adapter in float beside the int4 base")
     r.add_argument("--task_name", help="free label for this adapter (recorded in the manifest)")
     r.add_argument("--early_stopping_patience", type=int,
                    help="stop after this many evaluations without a better validation loss")

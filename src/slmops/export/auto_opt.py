@@ -10,9 +10,9 @@ from pathlib import Path
 
 from slmops.errors import UsageError
 from slmops.export import parity
-from slmops.export.builder import PRECISIONS, build, check_provider
+from slmops.export.builder import PRECISIONS, build, check_provider, lora_kept_float
 from slmops.export.runtime import GenaiModel
-from slmops.export.source import find_source, load_reference, save_for_builder
+from slmops.export.source import find_source, load_reference, save_for_builder, trained_for
 from slmops.manifest import write_manifest
 from slmops.outputs import publish, refuse_existing, work_dir
 
@@ -46,14 +46,29 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
     started = time.perf_counter()
     out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts)
     source = find_source(model_name_or_path, adapter_path)
-    model, tokenizer = load_reference(source, trust_remote_code)
+    aware = trained_for(source)
+    unmerged = aware is not None and aware == precision
+    if aware and not unmerged:
+        log.warning("the adapter was trained for a %s export; at %s it is merged into the weights instead",
+                    aware, precision)
+    if unmerged and not Path(source.base).is_dir():
+        raise UsageError(f"exporting a quantization-aware adapter needs its base model as a local folder; "
+                         f"{source.base} is not one (pull it, or pass the folder with --model_name_or_path)")
+    model, tokenizer = load_reference(source, trust_remote_code, int4_base=unmerged)
     work = work_dir(out)
     try:
         with tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}-merged-") as tmp:
             log.info("exporting %s%s to ONNX (%s, %s)", source.base, f" + {source.adapter}" if source.adapter else "",
                      precision, provider or DEFAULT_PROVIDER[device])
-            build(save_for_builder(model, tokenizer, source, Path(tmp)), work, precision, ep, {},
-                  trust_remote_code)
+            if unmerged:  # int4 base, the adapter beside it in float: the weights it was trained against
+                probe = Path(tmp) / "probe"
+                probe.mkdir()
+                build(Path(source.base), probe, "fp32", ep, {"adapter_path": str(source.adapter)}, trust_remote_code)
+                build(Path(source.base), work, precision, ep, lora_kept_float(probe, source.adapter),
+                      trust_remote_code)
+            else:
+                build(save_for_builder(model, tokenizer, source, Path(tmp)), work, precision, ep, {},
+                      trust_remote_code)
         built = time.perf_counter()
         items, origin = parity.probes(tokenizer, source.manifest, parity_prompts)
         result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
@@ -63,7 +78,8 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
             "provider": provider or DEFAULT_PROVIDER[device], "precision": precision, "use_ort_genai": True,
             "trust_remote_code": trust_remote_code, "parity_prompts": parity_prompts,
         }, {"base_model": source.base, "adapter": str(source.adapter) if source.adapter else None,
-            "adapter_merged": source.adapter is not None}, {}, {
+            "adapter_merged": source.adapter is not None and not unmerged,
+            "adapter_float_beside_int4_base": unmerged}, {}, {
             "parity": result, "export_seconds": round(built - started, 2),
             "wall_time_s": round(time.perf_counter() - started, 2), "size_mb": folder_mb(work)})
     except BaseException:

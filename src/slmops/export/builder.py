@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 from slmops.errors import UsageError, first_line
 
@@ -74,3 +75,22 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def lora_kept_float(probe: Path, adapter: Path) -> dict[str, str]:
+    """Builder options that put `adapter` in the graph as separate LoRA MatMuls and keep those out of
+    quantization; `probe` is an fp32 build with the same adapter, which names them."""
+    return {"adapter_path": str(adapter), "nodes_to_exclude": ",".join(lora_weights(read_graph(probe)).values())}
+
+
+def read_graph(graph_dir: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
+
+
+def lora_weights(proto: Any) -> dict[str, str]:
+    """ONNX weight initializer -> the LoRA MatMul node using it."""
+    inits = {i.name for i in proto.graph.initializer}
+    return {n.input[1]: n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.input[1] in inits}

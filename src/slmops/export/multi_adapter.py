@@ -25,7 +25,7 @@ import torch
 from slmops.errors import UsageError
 from slmops.export import parity
 from slmops.export.auto_opt import check_flags, folder_mb, publish_checked
-from slmops.export.builder import build
+from slmops.export.builder import build, lora_kept_float, lora_weights, read_graph
 from slmops.export.runtime import ADAPTER_SUFFIX, GenaiModel
 from slmops.export.source import run_manifest
 from slmops.generation import adapter_dir
@@ -119,25 +119,12 @@ def _coded_adapter(base_path: str, modules: list[str], folder: Path, trust_remot
     model.save_pretrained(folder)
 
 
-def _graph(graph_dir: Path) -> Any:
-    import onnx
-
-    return onnx.load(str(graph_dir / "model.onnx"), load_external_data=False)
-
-
-def _lora_weights(proto: Any) -> dict[str, str]:
-    """ONNX weight initializer -> the LoRA MatMul node using it."""
-    inits = {i.name for i in proto.graph.initializer}
-    return {n.input[1]: n.name for n in proto.graph.node
-            if n.op_type == "MatMul" and ("/lora_A/" in n.name or "/lora_B/" in n.name) and n.input[1] in inits}
-
-
 def _decode(graph_dir: Path, modules: list[str]) -> dict[str, tuple[str, str, np.ndarray | None]]:
     """ONNX weight name -> (module, "A" or "B", rows of B it holds) from the coded weights."""
     from onnx import numpy_helper
 
-    proto = _graph(graph_dir)
-    weights = _lora_weights(proto)
+    proto = read_graph(graph_dir)
+    weights = lora_weights(proto)
     mapping = {}
     for init in proto.graph.initializer:
         if init.name not in weights:
@@ -156,7 +143,7 @@ def _make_inputs(graph_dir: Path, mapping: dict) -> dict[str, list]:
     import onnx
     from onnx import helper
 
-    proto = _graph(graph_dir)
+    proto = read_graph(graph_dir)
     shapes = {}
     kept = []
     for init in proto.graph.initializer:
@@ -228,10 +215,8 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
             probe.mkdir()
             build(Path(base_path), probe, "fp32", ep, {"adapter_path": str(coded)}, trust_remote_code)
             mapping = _decode(probe, modules)
-            options = {"adapter_path": str(coded)}
-            if precision != "fp32":  # adapter weights are inputs: they must stay unquantized
-                options["nodes_to_exclude"] = ",".join(_lora_weights(_graph(probe)).values())
-            build(Path(base_path), work, precision, ep, options, trust_remote_code)
+            # adapter weights are inputs: they must stay unquantized
+            build(Path(base_path), work, precision, ep, lora_kept_float(probe, coded), trust_remote_code)
         shapes = _make_inputs(work, mapping)
         (work / "adapters").mkdir()
         for adapter in adapters:

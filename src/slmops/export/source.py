@@ -57,10 +57,21 @@ def _base_of(manifest: dict) -> str:
     return resolve(manifest["options"]["model_name_or_path"])
 
 
-def load_reference(source: Source, trust_remote_code: bool) -> tuple[Any, Any]:
-    """The PyTorch model the export must match (adapter merged, fp32) and its tokenizer."""
+def trained_for(source: Source) -> str | None:
+    """The export precision the adapter was trained against (`finetune --quantization_aware`), if any."""
+    if source.adapter is None or source.manifest is None:
+        return None
+    return source.manifest.get("options", {}).get("quantization_aware")
+
+
+def load_reference(source: Source, trust_remote_code: bool, int4_base: bool = False) -> tuple[Any, Any]:
+    """The PyTorch model the export must match (adapter merged, fp32) and its tokenizer; with
+    `int4_base`, the base rounded as the int4 export holds it (what a quantization-aware adapter saw)."""
     tokenizer = load_tokenizer(tokenizer_folder(source.adapter, source.base), trust_remote_code)
     model = load_model(source.base, torch.float32, trust_remote_code)
+    if int4_base:
+        from slmops.models.fake_quant import fake_quantize
+        fake_quantize(model)
     if source.adapter is not None:
         model = attach_adapter(model, source.adapter, source.base).merge_and_unload()
     model.config.use_cache = True

@@ -223,6 +223,10 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
         if cfg.torch_dtype != "auto":
             base_dtype = getattr(torch, cfg.torch_dtype)
         model = load_model(model_path, base_dtype, cfg.trust_remote_code, encoder=encoder)
+        if cfg.quantization_aware:
+            from slmops.models.fake_quant import fake_quantize
+            log.info("quantization-aware: %d weight matrices rounded as the int4 export will hold them",
+                     fake_quantize(model))
     model.config.use_cache = False
     # measured on CPU; GPUs run masked attention over a packed row well. Pairs are padded, never packed.
     if cfg.packing and not cfg.text_pair_field and not on_gpu(cfg):
