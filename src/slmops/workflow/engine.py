@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 from slmops.errors import UsageError
 from slmops.workflow.config import finetune_options
 from slmops.workflow.schema import FINETUNE_TYPES, FinetunePass, Workflow
-from slmops.workflow.passes import PASSES, ModelRef, Step, clear, read_json
+from slmops.workflow.passes import PASSES, ModelRef, Step, read_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _start_partial(out: Path, key: str) -> None:
     drop one left by different settings."""
     partial = out.with_name(out.name + ".partial")
     if (read_json(partial / PASS_FILE) or {}).get("key") != key:
-        clear(partial)
+        shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
     write_json(partial / PASS_FILE, {"key": key, "status": "running"})
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -77,7 +76,7 @@ def finetune(step: Step) -> ModelRef:
 
 
 def merge(step: Step) -> ModelRef:
-    from slmops.export.source import find_source, load_reference
+    from slmops.export.source import find_source, load_reference, trained_for
     from slmops.manifest import write_manifest
     from slmops.outputs import publish, refuse_existing, work_dir
 
@@ -86,6 +85,9 @@ def merge(step: Step) -> ModelRef:
                          f"pass, or give model.config.adapter_path")
     refuse_existing(step.out, step.overwrite())
     source = find_source(step.model.path, step.model.adapter)
+    if trained_for(source):
+        log.warning("passes.%s: the adapter was trained for a %s export; merged into float weights it loses "
+                    "that (export it with ModelBuilder at that precision instead)", step.name, trained_for(source))
     model, tokenizer = load_reference(source, step.trust_remote_code)  # merged in fp32
     work = work_dir(step.out)
     model.save_pretrained(work)
@@ -181,11 +183,6 @@ NEEDS: dict[str, list[tuple[str, str]]] = {
     "Evaluate": [("sacrebleu", "sacrebleu>=2.4"), ("rouge_score", "rouge-score>=0.1.2")],
     "search": [("optuna", "optuna>=4.0")],
 }
-
-
-def clear(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
