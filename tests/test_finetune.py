@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from conftest import FAMILIES, TEMPLATE, build_model, sentiment_rows, write_jsonl
 from slmops import finetune
 from slmops.errors import UsageError
-from slmops.training.finetune import Interrupted
+from slmops.errors import Interrupted
 
 FAST = dict(per_device_train_batch_size=8, logging_steps=1, learning_rate=5e-3, save_steps=1000, lora_dropout=0.0,
             report_to="none")

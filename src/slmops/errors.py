@@ -1,7 +1,7 @@
-"""The one exception type that means "the user can fix this".
+"""Exceptions the user can act on, kept free of heavy imports so every command can catch them.
 
-Anything raised as `UsageError` is shown as a single line and exits with status 2;
-anything else is a bug in slmops and keeps its traceback.
+Anything raised as `UsageError` is shown as a single line and exits with status 2; `Interrupted`
+says where the checkpoint to resume from is; anything else is a bug in slmops and keeps its traceback.
 """
 
 
@@ -13,3 +13,11 @@ def first_line(err: BaseException) -> str:
     """The headline of a library's error, for quoting inside our one-line messages."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint (`checkpoint`)."""
+
+    def __init__(self, message: str, checkpoint: str | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -127,7 +127,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from slmops.config import FinetuneConfig
-    from slmops.training.finetune import Interrupted
+    from slmops.errors import Interrupted
     from slmops.workflow.commands import finetune_workflow, run_command
 
     options = vars(args).copy()

@@ -55,7 +55,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(_plan_table(wf, plan(wf)))
         return 0
-    from slmops.training.finetune import Interrupted
+    from slmops.errors import Interrupted
 
     try:
         model = run_workflow(wf, search_only=searching)

@@ -23,7 +23,7 @@ from slmops.config import FinetuneConfig
 from slmops.data import prepare_data
 from slmops.data.collate import Collator
 from slmops.data.pairs import PairCollator, prepare_pairs
-from slmops.errors import UsageError, first_line
+from slmops.errors import Interrupted, UsageError, first_line
 from slmops.evaluation import forgetting
 from slmops.manifest import peak_memory_mb, write_manifest
 from slmops.methods import METHODS, keep_4bit_trainable, quantization_config
@@ -38,14 +38,6 @@ from slmops.training.metrics import compute_metrics, response_correct
 from slmops.training.preflight import preflight
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint (`checkpoint`)."""
-
-    def __init__(self, message: str, checkpoint: str | None):
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 def finetune(callbacks: Sequence[TrainerCallback] = (), **options: Any) -> Path:

@@ -9,6 +9,7 @@ the pass's top level). Every problem is reported at once, each under its YAML pa
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,33 @@ def _finetune_problems(spec: WorkflowSpec, name: str, p: FinetunePass) -> list[s
 def finetune_option_names() -> set[str]:
     """What a fine-tuning pass accepts: its own settings (Olive's names too), every `slmops finetune`
     option, and every Hugging Face TrainingArguments name."""
+    own = {info.alias for info in FinetunePass.model_fields.values() if info.alias} | set(FinetunePass.model_fields)
+    return own | set(FinetuneConfig.model_fields) | training_argument_names()
+
+
+def training_argument_names() -> set[str]:
+    """TrainingArguments' option names, remembered per transformers version: importing transformers'
+    trainer takes ~8 s, which a re-run that reuses every pass should not pay."""
+    from importlib.metadata import version
+
+    from slmops.models.catalog import cache_root
+
+    memo = cache_root() / f"training-arguments-{version('transformers')}.json"
+    try:
+        return set(json.loads(memo.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
     from transformers import TrainingArguments
 
-    own = {info.alias for info in FinetunePass.model_fields.values() if info.alias} | set(FinetunePass.model_fields)
-    return own | set(FinetuneConfig.model_fields) | set(TrainingArguments.__dataclass_fields__)
+    names = sorted(TrainingArguments.__dataclass_fields__)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(names), encoding="utf-8")
+        tmp.replace(memo)
+    except OSError:
+        pass  # a read-only home only costs the import next time
+    return set(names)
 
 
 def search_options() -> set[str]:

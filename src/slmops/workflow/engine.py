@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from slmops.errors import UsageError
+from slmops.models.catalog import cache_root
 from slmops.workflow.config import finetune_options
 from slmops.workflow.schema import FINETUNE_TYPES, FinetunePass, Workflow
 from slmops.workflow.passes import PASSES, ModelRef, Step, read_json
@@ -184,7 +185,7 @@ def file_digest(path: Path) -> str:
     if not path.exists():
         raise UsageError(f"not found: {path}; check the path in the workflow")
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    memo_file = Path(os.environ.get("SLMOPS_CACHE", Path.home() / ".cache" / "slmops")) / "digests.json"
+    memo_file = cache_root() / "digests.json"
     memo = read_json(memo_file) or {}
     total, changed = hashlib.sha256(), False
     for f in files:
