@@ -66,3 +66,14 @@ def test_aware_training_refuses_merge_and_full(tiny_llama, sentiment_file, tmp_p
             "--quantization_aware", "int4", "-o", str(tmp_path / "x")]
     fails_cleanly(capsys, argv + ["--merge"], "merging into float weights undoes")
     fails_cleanly(capsys, argv + ["--method", "full"], "--method full has no such base")
+
+
+def test_generate_adapter_checks_aware_adapters_against_the_rounded_base(tiny_llama, sentiment_file, tmp_path):
+    run, out = tmp_path / "qa", tmp_path / "multi"
+    assert main(["finetune", "-m", str(tiny_llama), "-d", str(sentiment_file), "--text_template", TEMPLATE,
+                 "--quantization_aware", "int4", "--lora_r", "4", "--max_steps", "2", "-o", str(run)]) == 0
+    assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(run),
+                 "--precision", "int4", "-o", str(out), "--parity_prompts", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["reference_base"] == "int4-rounded"
+    assert all(r["passed"] for r in json.loads((out / "parity.json").read_text()))

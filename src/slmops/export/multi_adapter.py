@@ -206,6 +206,10 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
     base = load_model(base_path, torch.float32, trust_remote_code).eval()
     for adapter in adapters:
         check_fits(adapter, base, base_model_path)
+    aware = {(a.manifest or {}).get("options", {}).get("quantization_aware") for a in adapters}
+    if aware == {precision}:  # every adapter trained on the int4-rounded base: that is the reference
+        from slmops.models.fake_quant import fake_quantize
+        fake_quantize(base)
     modules = sorted({m for a in adapters for m in a.tensors})
     work = work_dir(out)
     try:
@@ -227,7 +231,8 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
             "base_model_path": base_model_path, "adapter_paths": adapter_paths, "adapter_names": taken,
             "device": device, "provider": provider, "precision": precision, "parity_prompts": parity_prompts,
         }, {"base_model": base_path, "adapters": {a.name: str(a.folder) for a in adapters},
-            "lora_inputs": len(mapping)}, {}, {"parity": results, "size_mb": folder_mb(work),
+            "lora_inputs": len(mapping), "reference_base": "int4-rounded" if aware == {precision} else "float"},
+            {}, {"parity": results, "size_mb": folder_mb(work),
                                                "wall_time_s": round(time.perf_counter() - started, 2)})
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
