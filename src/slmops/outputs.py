@@ -6,8 +6,11 @@ a user (or the next command) reads.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from slmops.errors import UsageError
 
@@ -25,6 +28,14 @@ def work_dir(out: Path) -> Path:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     return work
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write a JSON file whole or not at all (two search workers may write the same one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def publish(work: Path, out: Path) -> None:

@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 from slmops.cli import add_log_level
 
@@ -50,7 +49,7 @@ def handle(args: argparse.Namespace) -> int:
         subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
     elif missing:
         raise UsageError(f"the passes need {', '.join(missing)}, not installed; add --setup to install them")
-    from slmops.workflow.engine import plan, run_workflow
+    from slmops.workflow.engine import pass_folder, plan, run_workflow, searched_pass
 
     if args.dry_run:
         print(_plan_table(wf, plan(wf)))
@@ -65,11 +64,9 @@ def handle(args: argparse.Namespace) -> int:
               f"trials)", file=sys.stderr)
         return 130
     if wf.spec.search_strategy is not None:
-        from slmops.workflow.schema import FINETUNE_TYPES
         from slmops.workflow.search import summary
 
-        searched = next(step for step in plan(wf) if step["type"] in FINETUNE_TYPES)
-        print(summary(Path(searched["folder"])))
+        print(summary(pass_folder(wf, searched_pass(wf))))
     print(f"output model: {model.describe()}")
     return 0
 

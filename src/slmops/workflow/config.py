@@ -9,7 +9,6 @@ the pass's top level). Every problem is reported at once, each under its YAML pa
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from slmops.config import DataConfig, FinetuneConfig
 from slmops.errors import UsageError
+from slmops.outputs import write_json
 from slmops.workflow.schema import (ALIASES, FINETUNE_TYPES, PASS_SCHEMAS, FinetunePass, PassSpec, Workflow,
                                     WorkflowSpec)
 
@@ -127,7 +127,7 @@ def finetune_options(spec: WorkflowSpec, name: str, p: FinetunePass, output_path
     train = next((d for d in spec.data_configs if d.name == p.train_data_config), spec.data_configs[0])
     model = spec.model.config
     options = {"model_name_or_path": model.model_path,
-               "trust_remote_code": model.trust_remote_code or model.load_kwargs.trust_remote_code,
+               "trust_remote_code": model.trusts_remote_code,
                **train.options(), "method": FINETUNE_TYPES[spec.passes[name].type], "output_path": output_path}
     if p.eval_data_config:
         ev = next(d for d in spec.data_configs if d.name == p.eval_data_config)
@@ -182,10 +182,7 @@ def training_argument_names() -> set[str]:
 
     names = sorted(TrainingArguments.__dataclass_fields__)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(names), encoding="utf-8")
-        tmp.replace(memo)
+        write_json(memo, names)
     except OSError:
         pass  # a read-only home only costs the import next time
     return set(names)

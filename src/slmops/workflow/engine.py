@@ -21,6 +21,7 @@ from typing import Any
 
 from slmops.errors import UsageError
 from slmops.models.catalog import cache_root
+from slmops.outputs import write_json
 from slmops.workflow.config import finetune_options
 from slmops.workflow.schema import FINETUNE_TYPES, FinetunePass, Workflow
 from slmops.workflow.passes import PASSES, ModelRef, Step, read_json
@@ -46,12 +47,13 @@ def plan(wf: Workflow) -> list[dict[str, Any]]:
         kind = wf.spec.passes[name].type
         key = _digest({"type": kind, "settings": _keyed(wf, name, settings), "input": model_key,
                        "data": _data_keys(wf, name, settings), "version": _version()})
-        out = _folder(wf, name, settings)
+        out = pass_folder(wf, name)
         record = read_json(out / PASS_FILE) or {}
         forced = bool(getattr(settings, "overwrite", False))  # --overwrite asks for a fresh run
         done = record.get("key") == key and "output_model" in record and not forced and not earlier_runs
         earlier_runs = earlier_runs or not done  # a pass that runs again is followed by its consumers
-        steps.append({"name": name, "type": kind, "folder": str(out), "key": key, "done": done})
+        steps.append({"name": name, "type": kind, "folder": str(out), "key": key, "done": done,
+                      "owned": getattr(settings, "output_path", None) is None})  # ours, not the user's
         model_key = key
     return steps
 
@@ -63,10 +65,9 @@ def run_workflow(wf: Workflow, search_only: bool = False) -> ModelRef:
     started = time.perf_counter()
     model = _input_model(wf)
     record = []
-    searched = _searched(wf) if wf.spec.search_strategy is not None else None
+    searched = searched_pass(wf) if wf.spec.search_strategy is not None else None
     for entry in plan(wf):
-        name, out = entry["name"], Path(entry["folder"])
-        owned = getattr(wf.passes[name], "output_path", None) is None
+        name, out, owned = entry["name"], Path(entry["folder"]), entry["owned"]
         step = Step(name, entry["type"], wf.passes[name], wf, model, out, owned, entry["key"])
         if entry["done"]:
             model = ModelRef(**read_json(out / PASS_FILE)["output_model"])
@@ -90,7 +91,7 @@ def run_workflow(wf: Workflow, search_only: bool = False) -> ModelRef:
         record.append({**entry, "ran": True, "seconds": round(time.perf_counter() - took, 2)})
         if search_only and name == searched:
             break
-    if _main_process() and any(getattr(wf.passes[e["name"]], "output_path", None) is None for e in record):
+    if _main_process() and any(e["owned"] for e in record):
         write_json(wf.output_dir / "workflow.json", {
             "config": wf.source, "passes": record, "output_model": asdict(model),
             "wall_time_s": round(time.perf_counter() - started, 2)})
@@ -113,11 +114,6 @@ def _start_partial(out: Path, key: str) -> None:
     write_json(partial / PASS_FILE, {"key": key, "status": "running"})
 
 
-def _folder(wf: Workflow, name: str, settings: Any) -> Path:
-    explicit = getattr(settings, "output_path", None)
-    return Path(explicit).expanduser() if explicit else wf.output_dir / name
-
-
 def _input_model(wf: Workflow) -> ModelRef:
     cfg = wf.spec.model.config
     if wf.spec.model.type == "OnnxModel":
@@ -134,22 +130,27 @@ def _keyed(wf: Workflow, name: str, settings: Any) -> dict[str, Any]:
         loss_file = Path(loss.rsplit(":", 1)[0]).expanduser() if ":" in loss else None
         if loss_file is not None and loss_file.is_file():  # a user's loss: its code is part of the recipe
             options["loss_file"] = file_digest(loss_file)  # (a missing file is finetune's to report)
-        if wf.spec.search_strategy is not None and name == _searched(wf):
+        if wf.spec.search_strategy is not None and name == searched_pass(wf):
             options["search"] = wf.spec.model_dump(mode="json", include={"search_strategy", "search_space"})
         return {k: v for k, v in options.items() if k not in NOT_KEYED}
     return settings.model_dump(mode="json", exclude=NOT_KEYED)
 
 
-def _searched(wf: Workflow) -> str | None:
+def pass_folder(wf: Workflow, name: str) -> Path:
+    """A pass's folder: its `output_path`, else OUTPUT_DIR/NAME (the searched pass's holds its study)."""
+    explicit = getattr(wf.passes[name], "output_path", None)
+    return Path(explicit).expanduser() if explicit else wf.output_dir / name
+
+
+def searched_pass(wf: Workflow) -> str | None:
     return next((n for n, p in wf.spec.passes.items() if p.type in FINETUNE_TYPES), None)
 
 
 def _data_keys(wf: Workflow, name: str, settings: Any) -> list[str]:
+    if not (isinstance(settings, FinetunePass) or wf.spec.passes[name].type == "Evaluate"):
+        return []  # only fine-tuning and Evaluate read data
     used = [getattr(settings, k, None) for k in ("train_data_config", "eval_data_config", "data_config")]
-    if isinstance(settings, FinetunePass) or wf.spec.passes[name].type == "Evaluate":
-        used = [u for u in used if u] or [wf.spec.data_configs[0].name]
-    else:
-        return []
+    used = [u for u in used if u] or [wf.spec.data_configs[0].name]
     keys = []
     for d in wf.spec.data_configs:
         if d.name in used:
@@ -204,14 +205,6 @@ def file_digest(path: Path) -> str:
         except OSError:
             pass  # a read-only home only costs re-hashing next time
     return total.hexdigest()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write whole or not at all (two search workers may write the same file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _digest(data: Any) -> str:

@@ -49,8 +49,7 @@ class Step:
 
     @property
     def trust_remote_code(self) -> bool:
-        cfg = self.workflow.spec.model.config
-        return cfg.trust_remote_code or cfg.load_kwargs.trust_remote_code
+        return self.workflow.spec.model.config.trusts_remote_code
 
     def overwrite(self) -> bool:
         return self.owned or bool(getattr(self.settings, "overwrite", False))
@@ -69,10 +68,14 @@ def finetune(step: Step) -> ModelRef:
     options["model_name_or_path"] = step.model.path
     if step.owned:  # our folder: an interrupted attempt of this very pass resumes, anything else is redone
         options.update(overwrite=True, resume_from_checkpoint=options.get("resume_from_checkpoint") or "auto")
-    out = run_finetune(callbacks=step.callbacks, **options)
-    if (out / "adapter").is_dir():
-        return ModelRef(step.model.path, str(out / "adapter"))
-    return ModelRef(str(out / "model"))
+    return trained_model(step.model.path, run_finetune(callbacks=step.callbacks, **options))
+
+
+def trained_model(base: str, folder: Path) -> ModelRef:
+    """What a finetune output folder hands on: the base plus its adapter, or its full model."""
+    if (folder / "adapter").is_dir():
+        return ModelRef(base, str(folder / "adapter"))
+    return ModelRef(str(folder / "model"))
 
 
 def merge(step: Step) -> ModelRef:

@@ -64,6 +64,11 @@ class ModelPaths(Strict):
     trust_remote_code: bool = False
     load_kwargs: LoadKwargs = LoadKwargs()
 
+    @property
+    def trusts_remote_code(self) -> bool:
+        """Olive puts it under load_kwargs; either place turns it on."""
+        return self.trust_remote_code or self.load_kwargs.trust_remote_code
+
 
 class ModelSpec(Typed):
     type: Literal["PyTorchModel", "HfModel", "OnnxModel"] = "HfModel"

@@ -20,8 +20,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from slmops.errors import UsageError
+from slmops.outputs import write_json
 from slmops.workflow.schema import ALIASES, Dimension, FinetunePass
-from slmops.workflow.passes import ModelRef, Step, finetune, read_json
+from slmops.workflow.passes import ModelRef, Step, finetune, read_json, trained_model
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,6 @@ def _finish(study: Any, step: Step, metric: str, columns: list[str]) -> ModelRef
     best = study.best_trial
     rows = [{"trial": t.number, "state": t.state.name.lower(), metric: t.value, **t.params,
              "seconds": t.user_attrs.get("seconds"), "folder": t.user_attrs.get("folder")} for t in trials]
-    from slmops.workflow.engine import write_json
     write_json(step.out / f"{RESULTS}.json", {
         "metric": metric, "direction": study.direction.name.lower(), "best_trial": best.number,
         "best_value": best.value, "best_params": best.params, "best_folder": best.user_attrs["folder"],
@@ -114,10 +114,7 @@ def _finish(study: Any, step: Step, metric: str, columns: list[str]) -> ModelRef
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(step.out / f"{RESULTS}.csv")
-    folder = Path(best.user_attrs["folder"])
-    if (folder / "adapter").is_dir():
-        return ModelRef(step.model.path, str(folder / "adapter"))
-    return ModelRef(str(folder / "model"))
+    return trained_model(step.model.path, Path(best.user_attrs["folder"]))
 
 
 def summary(folder: Path) -> str:
