@@ -1,7 +1,7 @@
 """Decode speed, time to first token, peak memory, size on disk and SST-2 accuracy, PyTorch vs ONNX vs llama.cpp.
 
-Exports the adapter with `slmops auto-opt` (fp32, int8, int4, adapter merged) and `slmops generate-adapter`
-(fp32 and int4, adapter as inputs) into --work, then measures each system in its own process (so peak
+Exports the adapter with `slmops auto-opt` (fp32, int8, int4, adapter merged; fp32 and int4 also through
+the torch.onnx fallback exporter) and `slmops generate-adapter` (fp32 and int4, adapter as inputs) into --work, then measures each system in its own process (so peak
 RSS is that system's alone). Accuracy: label-word next-token scores after the SST-2 prompt, the same
 scorer as benchmarks/sst2_accuracy.py, through each runtime.
 
@@ -22,23 +22,26 @@ from pathlib import Path
 from sst2_accuracy import LABELS, PROMPT as SST2, accuracy  # the independent scorer: plain transformers
 
 PROMPT = "<|im_start|>user\nWrite a long story about a dragon who learns to cook.<|im_end|>\n<|im_start|>assistant\n"
-ONNX = {  # system -> (command, precision)
-    "onnx fp32 merged": ("auto-opt", "fp32"),
-    "onnx int8 merged": ("auto-opt", "int8"),
-    "onnx int4 merged": ("auto-opt", "int4"),
-    "onnx fp32 multi-adapter": ("generate-adapter", "fp32"),
-    "onnx int4 multi-adapter": ("generate-adapter", "int4"),
+ONNX = {  # system -> (command, precision, extra flags)
+    "onnx fp32 merged": ("auto-opt", "fp32", []),
+    "onnx int8 merged": ("auto-opt", "int8", []),
+    "onnx int4 merged": ("auto-opt", "int4", []),
+    "onnx fp32 multi-adapter": ("generate-adapter", "fp32", []),
+    "onnx int4 multi-adapter": ("generate-adapter", "int4", []),
+    # the fallback exporter for architectures the builder lacks, here forced on one it knows
+    "onnx fp32 torch.onnx": ("auto-opt", "fp32", ["--exporter", "torch"]),
+    "onnx int4 torch.onnx": ("auto-opt", "int4", ["--exporter", "torch"]),
 }
 
 
 def export(args: argparse.Namespace, system: str) -> Path:
-    command, precision = ONNX[system]
+    command, precision, extra = ONNX[system]
     out = Path(args.work) / system.replace(" ", "-")
     if not (out / "genai_config.json").exists():
         flags = (["-m", args.adapter] if command == "auto-opt" else
                  ["--base_model_path", args.base, "--adapter_paths", args.adapter, "--adapter_names", "sst2"])
-        subprocess.run([sys.executable, "-m", "slmops", command, *flags, "--precision", precision, "-o", str(out),
-                        "--overwrite"], check=True)
+        subprocess.run([sys.executable, "-m", "slmops", command, *flags, "--precision", precision, *extra,
+                        "-o", str(out), "--overwrite"], check=True)
     return out
 
 

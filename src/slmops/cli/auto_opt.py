@@ -11,7 +11,8 @@ from slmops.export.builder import PRECISIONS, PROVIDERS
 
 def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p = sub.add_parser("auto-opt", help="export a model (and adapter) to an optimised ONNX Runtime GenAI folder",
-                       description="Export with onnxruntime-genai's model builder, then check the result against "
+                       description="Export with onnxruntime-genai's model builder (torch.onnx for architectures it "
+                                   "lacks), then check the result against "
                                    "the PyTorch model (parity.json); a failed check exits 1 and leaves "
                                    "OUTPUT.failed instead of OUTPUT.")
     p.add_argument("-m", "--model_name_or_path", help="model folder, .gguf, catalogue alias, hub id, or a "
@@ -25,6 +26,9 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     p.add_argument("--use_ort_genai", type=str2bool, nargs="?", const=True, default=True,
                    help="write an ONNX Runtime GenAI folder (always on: the builder writes one; accepted for "
                         "Olive compatibility)")
+    p.add_argument("--exporter", choices=["auto", "builder", "torch"], default="auto",
+                   help="auto (default): onnxruntime-genai's model builder, or torch.onnx for architectures it "
+                        "does not know; builder or torch: only that one")
     p.add_argument("--parity_prompts", type=int, default=16,
                    help="prompts for the parity check (default 16, from the adapter's training data when known)")
     p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False)
@@ -44,8 +48,10 @@ def handle(args: argparse.Namespace) -> int:
     if not args.use_ort_genai:
         raise UsageError("--use_ort_genai false: slmops writes ONNX Runtime GenAI folders only (they hold a plain "
                          "model.onnx too); drop the flag")
-    check_flags(args.output_path, args.device, args.provider, args.precision, True, args.parity_prompts)
+    check_flags(args.output_path, args.device, args.provider, args.precision, True, args.parity_prompts,
+                args.exporter)
     settings = {"precision": args.precision, "device": args.device, "provider": args.provider,
+                "exporter": args.exporter,
                 "parity_prompts": args.parity_prompts, "output_path": args.output_path, "overwrite": args.overwrite}
     try:
         run_command(export_workflow(_model(args), args.adapter_path, "ModelBuilder", settings,

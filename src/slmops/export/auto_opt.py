@@ -7,18 +7,20 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from slmops.errors import UsageError
-from slmops.export import parity
-from slmops.export.builder import PRECISIONS, build, check_provider, lora_kept_float
+from slmops.errors import UsageError, first_line
+from slmops.export import parity, torch_onnx
+from slmops.export.builder import PRECISIONS, UnsupportedArchitecture, build, check_provider, lora_kept_float
 from slmops.export.runtime import GenaiModel
-from slmops.export.source import find_source, load_reference, save_for_builder, trained_for
+from slmops.export.source import Source, find_source, load_reference, save_for_builder, trained_for
 from slmops.manifest import write_manifest
 from slmops.outputs import publish, refuse_existing, work_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+EXPORTERS = ("auto", "builder", "torch")  # auto: the builder, or torch.onnx for what it cannot export
 
 
 class ParityError(Exception):
@@ -26,8 +28,10 @@ class ParityError(Exception):
 
 
 def check_flags(output_path: str, device: str, provider: str | None, precision: str, overwrite: bool,
-                parity_prompts: int) -> tuple[Path, str]:
+                parity_prompts: int, exporter: str = "auto") -> tuple[Path, str]:
     """Everything that can be refused before a model is loaded: (output folder, builder provider)."""
+    if exporter not in EXPORTERS:
+        raise UsageError(f"--exporter {exporter}: choose one of {', '.join(EXPORTERS)}")
     if device not in DEFAULT_PROVIDER:
         raise UsageError(f"--device {device}: choose cpu or gpu")
     if precision not in PRECISIONS:
@@ -41,13 +45,14 @@ def check_flags(output_path: str, device: str, provider: str | None, precision: 
 
 def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
              device: str = "cpu", provider: str | None = None, precision: str = "fp32",
-             trust_remote_code: bool = False, overwrite: bool = False, parity_prompts: int = 16) -> Path:
+             trust_remote_code: bool = False, overwrite: bool = False, parity_prompts: int = 16,
+             exporter: str = "auto") -> Path:
     """Export, check parity, and publish `output_path`; raises ParityError below the precision's thresholds."""
     started = time.perf_counter()
-    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts)
+    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts, exporter)
     source = find_source(model_name_or_path, adapter_path)
     aware = trained_for(source)
-    unmerged = aware is not None and aware == precision
+    unmerged = aware is not None and aware == precision and exporter != "torch"  # LoRA beside: builder only
     if aware and not unmerged:
         log.warning("the adapter was trained for a %s export; at %s it is merged into the weights instead",
                     aware, precision)
@@ -60,6 +65,7 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
         with tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}-merged-") as tmp:
             log.info("exporting %s%s to ONNX (%s, %s)", source.base, f" + {source.adapter}" if source.adapter else "",
                      precision, provider or DEFAULT_PROVIDER[device])
+            used = "builder"
             if unmerged:  # int4 base, the adapter beside it in float: the weights it was trained against
                 probe = Path(tmp) / "probe"
                 probe.mkdir()
@@ -67,8 +73,8 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
                 build(Path(source.base), work, precision, ep, lora_kept_float(probe, source.adapter),
                       trust_remote_code)
             else:
-                build(save_for_builder(model, tokenizer, source, Path(tmp)), work, precision, ep, {},
-                      trust_remote_code)
+                used = export_merged(model, tokenizer, source, Path(tmp), work, precision, ep, exporter,
+                                     trust_remote_code)
         built = time.perf_counter()
         items, origin = parity.probes(tokenizer, source.manifest, parity_prompts)
         result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
@@ -76,8 +82,8 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
         write_manifest(work / "manifest.json", "auto-opt", {
             "model_name_or_path": model_name_or_path, "adapter_path": adapter_path, "device": device,
             "provider": provider or DEFAULT_PROVIDER[device], "precision": precision, "use_ort_genai": True,
-            "trust_remote_code": trust_remote_code, "parity_prompts": parity_prompts,
-        }, {"base_model": source.base, "adapter": str(source.adapter) if source.adapter else None,
+            "trust_remote_code": trust_remote_code, "parity_prompts": parity_prompts, "exporter": exporter,
+        }, {"base_model": source.base, "exporter": used, "adapter": str(source.adapter) if source.adapter else None,
             "adapter_merged": source.adapter is not None and not unmerged,
             "adapter_float_beside_int4_base": unmerged}, {}, {
             "parity": result, "export_seconds": round(built - started, 2),
@@ -89,6 +95,25 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
     publish_checked(work, out, [result], f"the {precision} export")
     log.info("wrote %s (%.0f MB) in %.0f s", out, folder_mb(out), time.perf_counter() - started)
     return out
+
+
+def export_merged(model: Any, tokenizer: Any, source: Source, tmp: Path, work: Path, precision: str, ep: str,
+                  exporter: str, trust_remote_code: bool) -> str:
+    """The builder's fused graph where it knows the architecture, torch.onnx elsewhere (or when asked);
+    returns which one wrote `work`."""
+    if exporter != "torch":
+        try:
+            build(save_for_builder(model, tokenizer, source, tmp), work, precision, ep, {}, trust_remote_code)
+            return "builder"
+        except UnsupportedArchitecture as err:
+            if exporter == "builder":
+                raise
+            log.info("%s; exporting with torch.onnx instead (a graph without the builder's fused operators)",
+                     first_line(err).split(" (")[0])
+            for leftover in work.iterdir():
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    torch_onnx.export(model, tokenizer, work, precision, ep)
+    return "torch.onnx"
 
 
 def publish_checked(work: Path, out: Path, results: list[dict], what: str) -> None:

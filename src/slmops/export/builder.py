@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from slmops.errors import UsageError, first_line
 
@@ -17,6 +17,10 @@ PROVIDERS = {  # provider -> (builder execution provider, device, what to instal
     "CUDAExecutionProvider": ("cuda", "gpu", "onnxruntime-genai-cuda (pip install onnxruntime-genai-cuda)"),
     "DmlExecutionProvider": ("dml", "gpu", "onnxruntime-genai-directml on Windows (pip install onnxruntime-genai-directml)"),
 }
+
+
+class UnsupportedArchitecture(UsageError):
+    """The builder has no recipe for this architecture (auto-opt then exports with torch.onnx)."""
 
 
 def check_provider(provider: str, device: str) -> str:
@@ -40,27 +44,30 @@ def check_provider(provider: str, device: str) -> str:
 
 def build(hf_dir: Path, out_dir: Path, precision: str, ep: str, options: dict[str, str],
           trust_remote_code: bool = False) -> None:
-    """Write model.onnx, genai_config.json and the tokenizer files for the model in `hf_dir`.
-
-    The builder prints pages of progress; it goes to out_dir/build.log (shown at --log_level 0).
-    """
+    """Write model.onnx, genai_config.json and the tokenizer files for the model in `hf_dir`."""
     from onnxruntime_genai.models import builder
 
     extra = [f"{k}={v}" for k, v in {"hf_remote": str(trust_remote_code).lower(), "hf_token": "false",
                                      **options}.items()]
     cache = out_dir / ".builder-cache"
-    log_path = out_dir / "build.log"
-    with open(log_path, "w", encoding="utf-8") as sink:
-        quiet = log.getEffectiveLevel() > logging.DEBUG
-        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext(), \
-                contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext():
-            try:
-                parsed = builder.parse_extra_options(None, str(hf_dir), str(out_dir), precision, ep, str(cache),
-                                                     extra)
-                builder.create_model(None, str(hf_dir), str(out_dir), precision, ep, str(cache), **parsed)
-            except NotImplementedError as err:
-                raise UsageError(_unsupported(hf_dir, err)) from None
+    with output_to(out_dir / "build.log"):
+        try:
+            parsed = builder.parse_extra_options(None, str(hf_dir), str(out_dir), precision, ep, str(cache), extra)
+            builder.create_model(None, str(hf_dir), str(out_dir), precision, ep, str(cache), **parsed)
+        except NotImplementedError as err:
+            raise UnsupportedArchitecture(_unsupported(hf_dir, err)) from None
     _remove_tree(cache)
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path) -> Iterator[None]:
+    """Exporters print pages of progress: into `log_path`, unless --log_level asks for debug."""
+    if log.getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    with open(log_path, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        yield
 
 
 def _unsupported(hf_dir: Path, err: Exception) -> str:

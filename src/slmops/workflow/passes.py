@@ -109,7 +109,7 @@ def export(step: Step) -> ModelRef:
     device, provider = _device(step)
     precision = s.precision if step.type != "OnnxQuantization" or "precision" in s.model_fields_set else "int8"
     auto_opt(str(step.out), source.path, source.adapter, device, provider, precision, step.trust_remote_code,
-             step.overwrite(), s.parity_prompts)
+             step.overwrite(), s.parity_prompts, s.exporter)
     return ModelRef(str(step.out), onnx=True, source=asdict(source))
 
 

@@ -225,6 +225,7 @@ class ExportPass(Strict):
     parity_prompts: PosInt = 16
     output_path: str | None = None
     overwrite: bool = False
+    exporter: Literal["auto", "builder", "torch"] = "auto"
     # OnnxConversion's torch.onnx settings; the builder chooses its own opset
     target_opset: int | None = None
     save_as_external_data: bool | None = None
@@ -236,6 +237,7 @@ class ExtractAdaptersPass(ExportPass):
     adapter_paths: list[str] | None = None   # default: the adapter the workflow has trained so far
     adapter_names: list[str] | None = None
     parity_prompts: PosInt = 8
+    exporter: Literal["auto", "builder"] = "auto"  # LoRA as graph inputs: the builder's graph only
     # Olive's ExtractAdapters options; slmops always makes inputs with rank-0 defaults
     adapter_type: str | None = None
     make_inputs: bool | None = None

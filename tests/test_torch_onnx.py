@@ -1,0 +1,75 @@
+"""The torch.onnx fallback: architectures the model builder lacks still export, decode and pass parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import build_model
+from slmops.cli import main
+from slmops.export import parity
+from slmops.export.runtime import GenaiModel
+from slmops.models.loading import load_tokenizer
+from test_cli import fails_cleanly
+from test_export import PROMPTS, make_adapter, torch_greedy
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer_dir, models_root) -> Path:
+    return build_model(tokenizer_dir, models_root, "gpt2")
+
+
+def exported(out: Path) -> tuple[dict, dict]:
+    return json.loads((out / "manifest.json").read_text()), json.loads((out / "parity.json").read_text())
+
+
+def test_gpt2_with_adapter_exports_through_torch_onnx(gpt2, tmp_path):
+    adapter = make_adapter(gpt2, tmp_path / "lora", ["c_attn", "c_fc"], 4, 3)  # Conv1D layers
+    out = tmp_path / "onnx"
+    assert main(["auto-opt", "-m", str(gpt2), "-a", str(adapter), "-o", str(out), "--parity_prompts", "4"]) == 0
+    manifest, check = exported(out)
+    assert manifest["resolved"]["exporter"] == "torch.onnx" and manifest["resolved"]["adapter_merged"]
+    assert check["passed"] and check["top1_agreement"] == 1.0 and check["greedy_equal"] == "4/4"
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert config["type"] == "decoder" and "position_ids" in config["decoder"]["inputs"]
+    # Decoding through onnxruntime_genai, token by token with the cache, gives the merged model's tokens.
+    tok = load_tokenizer(str(gpt2))
+    onnx = GenaiModel(out)
+    for prompt in PROMPTS:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        new = onnx.generate(ids, 8)
+        assert new and new == torch_greedy(gpt2, adapter, ids)[:len(new)]
+
+
+def test_int4_quantizes_every_weight_matmul_including_the_tied_head(gpt2, tmp_path, monkeypatch):
+    import onnx
+
+    # A random tiny model's logits are nearly flat: int4 flips argmaxes by chance. This test is about the graph.
+    monkeypatch.setitem(parity.THRESHOLDS, "int4", {"top1_agreement": 0.0, "perplexity_ratio": 2.0})
+    out = tmp_path / "int4"
+    assert main(["auto-opt", "-m", str(gpt2), "--precision", "int4", "-o", str(out), "--parity_prompts", "2"]) == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    quantized = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(quantized) == 2 * 4 + 1  # per layer: c_attn, c_proj, c_fc, mlp c_proj; plus the LM head
+    assert {a.name: a.i for a in quantized[0].attribute}["block_size"] == 32
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert exported(out)[0]["resolved"]["exporter"] == "torch.onnx"
+
+
+def test_exporter_torch_on_a_builder_architecture(tiny_llama, tmp_path):
+    # Llama with grouped KV heads and rotary positions, through torch.onnx instead of the builder.
+    out = tmp_path / "llama"
+    assert main(["auto-opt", "-m", str(tiny_llama), "--exporter", "torch", "-o", str(out),
+                 "--parity_prompts", "4"]) == 0
+    manifest, check = exported(out)
+    assert manifest["resolved"]["exporter"] == "torch.onnx" and check["passed"] and check["greedy_equal"] == "4/4"
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"] == 2
+
+
+def test_a_model_without_a_kv_cache_is_refused_in_one_line(tokenizer_dir, models_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    mamba = build_model(tokenizer_dir, models_root, "mamba")  # a state-space model: neither exporter serves it
+    fails_cleanly(capsys, ["auto-opt", "-m", str(mamba), "-o", str(out)], "keeps no per-layer key/value cache", out)
