@@ -72,13 +72,15 @@ def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[str, float, float]:
 
 
 # Each runner returns the command, a parser of its output -> (train seconds, adapter folder), and a cwd.
-def run_slmops(a, out: Path):
+def run_slmops(a, out: Path, extra: tuple[str, ...] = ()):
     cmd = [sys.executable, "-m", "slmops", "finetune", "--model_name_or_path", a.model, "--data_name", a.data,
            "--train_split", f"train[:{a.rows}]", "--eval_split", f"train[{a.rows}:{a.rows + a.val_rows}]",
            "--text_template", TEMPLATE, "--method", "lora", "--lora_r", str(RECIPE["r"]),
            "--lora_alpha", str(RECIPE["alpha"]), "--lora_dropout", str(RECIPE["dropout"]),
            "--per_device_train_batch_size", str(RECIPE["batch"]), "--learning_rate", str(RECIPE["lr"]),
-           "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--output_path", str(out), "--overwrite"]
+           "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--output_path", str(out), "--overwrite",
+           *extra]
+
     def result(text: str):  # the trainer's clock less the evaluations slmops runs inside it (the others run none)
         r = json.loads((out / "manifest.json").read_text())["results"]
         return r["train_runtime_s"] - r["eval_seconds_in_training"], out / "adapter"
@@ -148,6 +150,11 @@ def run_olive(a, out: Path):
             raise SystemExit("olive: no train_runtime in its output")
         return float(runtime[-1]), out / "adapter"
     return cmd, result, work
+
+
+RUNNERS = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive,
+           # ablation: slmops without computing the batch's shared prefix once
+           "slmops-unshared": lambda a, out: run_slmops(a, out, ("--share_prefix", "false"))}
 
 
 def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[float]]:
@@ -232,7 +239,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000, help="training rows (default 2000)")
     ap.add_argument("--val-rows", dest="val_rows", type=int, default=200,
                     help="rows after the training rows, for the validation loss (default 200)")
-    ap.add_argument("--systems", default="plain,slmops,olive")
+    ap.add_argument("--systems", default="plain,slmops,olive", help=f"some of {', '.join(RUNNERS)}")
     ap.add_argument("--olive-python", dest="olive_python", help="python of a virtualenv with olive-ai[finetune]")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default="runs/speed")
@@ -256,7 +263,7 @@ def main() -> None:
     for rep in range(a.repeats):
         for system in systems if rep % 2 == 0 else systems[::-1]:
             folder = out / f"{system}-{rep}"
-            cmd, parse, cwd = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive}[system](a, folder)
+            cmd, parse, cwd = RUNNERS[system](a, folder)
             print(f"[{system} {rep + 1}/{a.repeats}] {' '.join(cmd[:4])} ...", flush=True)
             text, wall, rss = run_tree(cmd, cwd, out / f"{system}-{rep}.log")
             runtime, adapter = parse(text)

@@ -57,7 +57,6 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", {**DECODER, "head_dim": 16}),
     "gemma3": ("Gemma3TextConfig", {**DECODER, "head_dim": 16}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
-    "mamba": ("MambaConfig", dict(hidden_size=64, num_hidden_layers=2, state_size=8)),
 }
 
 

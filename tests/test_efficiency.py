@@ -8,19 +8,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, build_model
-from slmops.data.collate import Collator
+from slmops.data.collate import Collator, shared_prefix
 from slmops.data.formatting import IGNORE
 from slmops.training.efficiency import (FastDropout, causal_lm_loss, supports_packing, use_fast_dropout,
                                         use_segmented_attention)
 
 
-def varied_rows(n: int = 6, vocab: int = 300) -> list[dict]:
-    """Rows of different lengths, each with a supervised tail of 1-3 tokens."""
+def varied_rows(n: int = 6, vocab: int = 300, prefix: list[int] = ()) -> list[dict]:
+    """Rows of different lengths, each with a supervised tail of 1-3 tokens, all starting with `prefix`."""
     g = torch.Generator().manual_seed(1)
     rows = []
     for i in range(n):
-        length = 4 + 3 * i
-        ids = torch.randint(5, vocab, (length,), generator=g).tolist()
+        length = 4 + 3 * i + len(prefix)
+        ids = [*prefix, *torch.randint(5, vocab, (length - len(prefix),), generator=g).tolist()]
         answer = 1 + i % 3
         rows.append({"input_ids": ids, "labels": [IGNORE] * (length - answer) + ids[-answer:]})
     return rows
@@ -63,6 +63,34 @@ def test_packed_batch_learns_exactly_what_the_padded_batch_does(family, segmente
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])  # Gemma 2 runs eager attention
+def test_a_shared_prefix_computed_once_learns_exactly_what_the_padded_batch_does(family, tokenizer_dir,
+                                                                                   models_root):
+    model = lora(build_model(tokenizer_dir, models_root, family))
+    rows = varied_rows(prefix=[3, 9, 4])
+    loss_pad, grads_pad = loss_and_grads(model, Collator(0, pack=False, keep_logits=False)(rows))
+    batch = Collator(0, pack=True, share_prefix=True)(rows)
+    assert int(batch["shared_prefix"]) == 3 and batch["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) - 15
+    loss_shared, grads_shared = loss_and_grads(model, batch)
+    assert loss_shared == pytest.approx(loss_pad, rel=1e-5)
+    for a, b in zip(grads_pad, grads_shared):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_shared_prefix_stops_before_any_rows_first_target():
+    rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]},
+            {"input_ids": [1, 2, 3, 4, 6], "labels": [IGNORE] * 4 + [6]}]
+    # Four tokens in common, but token 4 is the first row's target: its prediction needs token 3 in that
+    # row, and the token after the prefix is never a target (it follows another row in the pack).
+    assert shared_prefix(rows) == 2
+    batch = Collator(0, pack=True, share_prefix=True)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 4, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 4, 5, IGNORE, IGNORE, 6]]
+    assert batch["row_bounds"].tolist() == [0, 2, 5, 8]
+    assert shared_prefix(rows[:1]) == 0 and shared_prefix([rows[0], {**rows[1], "input_ids": [9, 2, 3, 4, 6]}]) == 0
+
+
 def test_packed_rows_never_learn_across_their_boundary():
     rows = [{"input_ids": [7, 8, 9], "labels": [7, 8, 9]}, {"input_ids": [4, 5], "labels": [4, 5]}]
     batch = Collator(0, pack=True)(rows)
@@ -96,7 +124,8 @@ def spy_attention_lengths(monkeypatch) -> list[int]:
     return lengths
 
 
-def test_row_by_row_attention_respects_a_sliding_window(tokenizer_dir, models_root, monkeypatch):
+@pytest.mark.parametrize("share", [False, True], ids=["rows", "rows-after-a-shared-prefix"])
+def test_row_by_row_attention_respects_a_sliding_window(share, tokenizer_dir, models_root, monkeypatch):
     """A row longer than the window must see only the window, as transformers' masks do."""
     import transformers
 
@@ -108,16 +137,19 @@ def test_row_by_row_attention_respects_a_sliding_window(tokenizer_dir, models_ro
     model = AutoModelForCausalLM.from_config(config).eval()
     model.config.use_cache = False
     assert tok_path and model.config.layer_types[0] == "sliding_attention"
-    rows = varied_rows(3, vocab=399)
+    prefix = [3, 9, 4] if share else []
+    rows = varied_rows(3, vocab=399, prefix=prefix)
     with torch.no_grad():
         reference = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows]
         assert use_segmented_attention(model)
-        batch = Collator(0, pack=True, keep_logits=False)(rows)
+        batch = Collator(0, pack=True, keep_logits=False, share_prefix=share)(rows)
         batch.pop("labels")
         lengths = spy_attention_lengths(monkeypatch)
         packed = model(**batch).logits[0]
-    torch.testing.assert_close(packed, torch.cat(reference), rtol=1e-4, atol=1e-5)
-    assert lengths == [4, 7, 10] * 2  # each row alone, in both layers
+    # the prefix's logits once, then each row's own
+    expected = torch.cat([reference[0][:len(prefix)], *(r[len(prefix):] for r in reference)])
+    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-5)
+    assert lengths == (([3] if share else []) + [4, 7, 10]) * 2  # prefix, then each row alone; both layers
 
 
 def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():

@@ -223,14 +223,17 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
         row["phrase"] = " ".join([row["phrase"]] * (1 + i % 4))
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
     packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]")
+    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]", share_prefix=False)
     padded = run(tiny_llama, data, tmp_path / "padded", max_steps=6, eval_split="train[:8]", packing=False)
     assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
-    manifests = [json.loads((out / "manifest.json").read_text()) for out in (packed, padded)]
-    assert [m["resolved"]["packing"] for m in manifests] == [True, False]
-    assert manifests[0]["results"]["eval_loss"] == pytest.approx(manifests[1]["results"]["eval_loss"], rel=1e-4)
-    # tokens seen count every real token once, with or without padding
+    assert losses(unshared) == pytest.approx(losses(padded), rel=1e-4)
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in (packed, unshared, padded)]
+    assert [m["resolved"]["packing"] for m in manifests] == [True, True, False]
+    assert [m["resolved"]["share_prefix"] for m in manifests] == [True, False, False]  # "Review:" opens every row
+    assert manifests[0]["results"]["eval_loss"] == pytest.approx(manifests[2]["results"]["eval_loss"], rel=1e-4)
+    # tokens seen count every real token once, with or without padding; a shared prefix once per batch
     tokens = [m["results"]["train_tokens"] for m in manifests]
-    assert tokens[0] == tokens[1] > 0
+    assert tokens[1] == tokens[2] > tokens[0] > 0
 
 
 def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentiment_file, tmp_path, monkeypatch,

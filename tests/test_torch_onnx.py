@@ -69,7 +69,12 @@ def test_exporter_torch_on_a_builder_architecture(tiny_llama, tmp_path):
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"] == 2
 
 
-def test_a_model_without_a_kv_cache_is_refused_in_one_line(tokenizer_dir, models_root, tmp_path, capsys):
+def test_a_model_without_a_kv_cache_is_refused_in_one_line(tokenizer_dir, models_root, tmp_path, capsys,
+                                                           monkeypatch):
+    import conftest
+
+    monkeypatch.setitem(conftest.FAMILIES, "mamba", ("MambaConfig", dict(hidden_size=64, num_hidden_layers=2,
+                                                                          state_size=8)))
     out = tmp_path / "o"
     mamba = build_model(tokenizer_dir, models_root, "mamba")  # a state-space model: neither exporter serves it
     fails_cleanly(capsys, ["auto-opt", "-m", str(mamba), "-o", str(out)], "keeps no per-layer key/value cache", out)

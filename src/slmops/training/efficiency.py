@@ -50,23 +50,34 @@ SEGMENTED = "slmops_segmented_sdpa"
 
 def segmented_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, row_bounds: torch.Tensor | None = None,
-                   **kwargs: Any) -> tuple[torch.Tensor, None]:
+                   shared_prefix: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, run separately on each row of a packed batch (`row_bounds` from
-    the collator: start offsets plus the total length); anything else goes to SDPA unchanged."""
+    the collator: start offsets plus the total length); with `shared_prefix`, the first segment is
+    the prefix the other rows continue from, and each row attends to it and then to itself. Anything
+    else goes to SDPA unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if row_bounds is None or query.shape[0] != 1 or query.shape[2] != int(row_bounds[-1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.get("sliding_window")
+    prefix = int(shared_prefix) if shared_prefix is not None else 0
     outputs = []
     bounds = row_bounds.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
+        keys, values = key[:, :, start:end], value[:, :, start:end]
+        offset = prefix if start > 0 else 0
+        if offset:
+            keys = torch.cat([key[:, :, :prefix], keys], dim=2)
+            values = torch.cat([value[:, :, :prefix], values], dim=2)
         mask = None  # causal within the row
-        if window and end - start > window:
-            i = torch.arange(end - start, device=query.device)
-            mask = ((i[:, None] >= i[None]) & (i[:, None] - i[None] < window))[None, None]
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], mask, **kwargs)
+        if offset or (window and end - start > window):
+            q = torch.arange(offset, offset + end - start, device=query.device)
+            k = torch.cat([torch.arange(offset, device=query.device), q])
+            mask = q[:, None] >= k[None]
+            if window:
+                mask &= q[:, None] - k[None] < window
+            mask = mask[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], keys, values, mask, **kwargs)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
 
@@ -82,6 +93,10 @@ def use_segmented_attention(model: nn.Module) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTED, sdpa_mask)
     model.set_attn_implementation(SEGMENTED)
     return True
+
+
+def attends_row_by_row(model: nn.Module) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == SEGMENTED
 
 
 def takes_logits_to_keep(model: nn.Module) -> bool:
@@ -142,7 +157,9 @@ class FastDropout(nn.Module):
         words = (x.numel() + 3) // 4
         bits = torch.empty(words, dtype=torch.int64).random_(-2**63, None)
         keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= self.threshold
-        return torch.where(keep, x, 0) * (1 / (1 - self.p))
+        # A float mask holding the scale: one multiply forward and one backward (torch.where and a
+        # separate scale measured 3x the time of both), the same products as x * scale where kept.
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

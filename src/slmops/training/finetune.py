@@ -31,8 +31,8 @@ from slmops.models.loading import is_encoder, linear_module_names, load_model, l
 from slmops.outputs import publish, refuse_existing
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
-from slmops.training.efficiency import (causal_lm_loss, supports_packing, takes_logits_to_keep, use_fast_dropout,
-                                        use_segmented_attention)
+from slmops.training.efficiency import (attends_row_by_row, causal_lm_loss, supports_packing, takes_logits_to_keep,
+                                        use_fast_dropout, use_segmented_attention)
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.metrics import compute_metrics, response_correct
 from slmops.training.preflight import preflight
@@ -79,10 +79,13 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         log.info("this model cannot keep packed rows apart; padding each batch instead")
     if packing:
         args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
+    # Row-by-row attention is what lets rows continue from one prefix; users' losses see plain packed rows.
+    shared = packing and cfg.share_prefix and reads_kept_logits(loss) and attends_row_by_row(model)
     if pairs:
         collator = PairCollator(tokenizer.pad_token_id, skip_logits=takes_logits_to_keep(model))
     else:
-        collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing and reads_kept_logits(loss))
+        collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing and reads_kept_logits(loss),
+                            share_prefix=shared)
 
     work.mkdir(parents=True, exist_ok=True)
     stop = GracefulStop()
@@ -139,7 +142,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         "forgetting": general,
     }
     write_manifest(work / "manifest.json", "finetune", cfg.model_dump(), {
-        "model_path": model_path, "target_modules": targets, "packing": packing, "loss": loss_record,
+        "model_path": model_path, "target_modules": targets, "packing": packing,
+        "share_prefix": shared, "loss": loss_record,
         "autocast_dtype": str(amp).removeprefix("torch."), "device": str(args.device), "world_size": args.world_size,
         "training_args": {k: v for k, v in args.to_dict().items() if not k.startswith(("hub_", "push_"))},
     }, data.stats, results)
