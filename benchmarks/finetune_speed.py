@@ -153,8 +153,8 @@ def run_olive(a, out: Path):
 
 
 RUNNERS = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive,
-           # ablation: slmops without computing the batch's shared prefix once
-           "slmops-unshared": lambda a, out: run_slmops(a, out, ("--share_prefix", "false"))}
+           # slmops computing the batch's shared prefix once (--share_prefix, off by default)
+           "slmops-shared": lambda a, out: run_slmops(a, out, ("--share_prefix", "true"))}
 
 
 def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[float]]:

@@ -222,8 +222,8 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
     for i, row in enumerate(rows):  # rows of different lengths, so padding would matter
         row["phrase"] = " ".join([row["phrase"]] * (1 + i % 4))
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
-    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]")
-    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]", share_prefix=False)
+    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]", share_prefix=True)
+    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]")
     padded = run(tiny_llama, data, tmp_path / "padded", max_steps=6, eval_split="train[:8]", packing=False)
     assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
     assert losses(unshared) == pytest.approx(losses(padded), rel=1e-4)

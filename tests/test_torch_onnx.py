@@ -69,6 +69,29 @@ def test_exporter_torch_on_a_builder_architecture(tiny_llama, tmp_path):
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"] == 2
 
 
+OTHER_DECODERS = {  # architectures the builder lacks, each with its own take on positions and the cache
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256)),  # partial rotary
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=256, word_embed_proj_dim=64)),  # learned positions, offset 2
+    "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    new_decoder_architecture=False)),  # one shared KV head
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_DECODERS))
+def test_other_decoders_export_and_decode_like_pytorch(family, tokenizer_dir, models_root, tmp_path, monkeypatch):
+    import conftest
+
+    monkeypatch.setitem(conftest.FAMILIES, family, OTHER_DECODERS[family])
+    model = build_model(tokenizer_dir, models_root, family)
+    out = tmp_path / family
+    assert main(["auto-opt", "-m", str(model), "-o", str(out), "--parity_prompts", "3"]) == 0
+    manifest, check = exported(out)
+    assert manifest["resolved"]["exporter"] == "torch.onnx"
+    assert check["top1_agreement"] == 1.0 and check["greedy_equal"] == "3/3"
+
+
 def test_a_model_without_a_kv_cache_is_refused_in_one_line(tokenizer_dir, models_root, tmp_path, capsys,
                                                            monkeypatch):
     import conftest

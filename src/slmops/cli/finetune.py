@@ -29,10 +29,10 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     data.add_argument("--packing", type=str2bool, nargs="?", const=True, default=True,
                       help="lay each batch's rows end to end without padding, attention kept inside each row, "
                            "where the model supports it (default true; same examples and loss, less compute)")
-    data.add_argument("--share_prefix", type=str2bool, nargs="?", const=True, default=True,
-                      help="with packing on CPU: the leading tokens every row of a batch shares and learns "
-                           "nothing from (template opening, system prompt) are computed once per batch "
-                           "(default true; same logits and loss; adapter dropout then draws one mask for them)")
+    data.add_argument("--share_prefix", type=str2bool, nargs="?", const=True, default=False,
+                      help="with packing on CPU: compute once per batch the leading tokens every row shares and "
+                           "learns nothing from (template opening, system prompt); same logits and loss, but "
+                           "adapter dropout draws one mask for them (default false)")
     data.add_argument("--text_pair_field", help="sentence pairs: the second text column (the first is "
                                                 "--text_field), for --loss contrastive or your own pair loss")
     data.add_argument("--pair_label_field",

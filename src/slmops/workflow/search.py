@@ -51,11 +51,8 @@ def search(step: Step) -> ModelRef:
     wf = step.workflow
     strategy, space = wf.spec.search_strategy, wf.spec.search_space
     step.out.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(
-        strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
-        engine_kwargs={"connect_args": {"timeout": 120}} if not strategy.storage else {},
-        heartbeat_interval=30, grace_period=120,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    storage = _storage(optuna, strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
+                       {"connect_args": {"timeout": 120}} if not strategy.storage else {})
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user as ours
     study = optuna.create_study(
         study_name=strategy.study_name or f"{step.name}-{step.key[:12]}", storage=storage, load_if_exists=True,
@@ -153,6 +150,22 @@ def _with(settings: FinetunePass, params: dict[str, Any], pruning: bool) -> Fine
     if pruning and "eval_strategy" not in given and "eval_steps" not in given:
         training_args.update(eval_strategy="steps", eval_steps=0.25)  # four evaluations a trial
     return FinetunePass.model_validate({**values, "training_args": training_args})
+
+
+def _storage(optuna: Any, url: str, engine_kwargs: dict) -> Any:
+    """Workers started together on a new database all create its tables; the ones that lose that race
+    (a unique-constraint or locked-database error) open it again once the winner is done."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+        except (IntegrityError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _sampler(kind: str, space: dict[str, Dimension], seed: int) -> Any:
