@@ -91,8 +91,8 @@ def export(model: nn.Module, tokenizer: Any, out_dir: Path, precision: str, ep: 
                               input_names=inputs, output_names=outputs, dynamic_shapes=shapes, dynamo=True,
                               opset_version=OPSET, external_data=True, verbose=False)
     except Exception as err:
-        raise UsageError(f"torch.onnx could not export {type(model).__name__} ({first_line(err)[:300]}); "
-                         f"the model builder does not support it either") from None
+        raise UsageError(f"torch.onnx could not export {type(model).__name__} for generation "
+                         f"({first_line(err)[:300]})") from None
     if precision in ("int4", "int8"):
         quantize(path, bits=int(precision[3:]), ep=ep)
     elif precision == "fp16":
