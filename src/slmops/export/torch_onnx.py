@@ -104,10 +104,10 @@ def export(model: nn.Module, tokenizer: Any, out_dir: Path, precision: str, ep: 
 @contextlib.contextmanager
 def quiet_loggers(*names: str) -> Iterator[None]:
     """torch's exporter warns through handlers made at import (missing torchvision ops and the like)."""
-    loggers = [logging.getLogger(n) for n in names]
+    loggers = [logging.getLogger(n) for n in names] if log.getEffectiveLevel() > logging.DEBUG else []
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(max(lg.level, logging.ERROR) if log.getEffectiveLevel() > logging.DEBUG else lg.level)
+        lg.setLevel(max(lg.level, logging.ERROR))
     try:
         yield
     finally:
