@@ -136,7 +136,7 @@ def gemm_to_matmul(proto: Any) -> None:
 
     inits = {i.name: i for i in proto.graph.initializer}
     transposes = {n.output[0]: n.input[0] for n in proto.graph.node
-                  if n.op_type == "Transpose" and n.input[0] in inits and numpy_helper.to_array(inits[n.input[0]]).ndim == 2}
+                  if n.op_type == "Transpose" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2}
 
     def transposed(name: str) -> str:
         copy = f"{name}_transposed"
