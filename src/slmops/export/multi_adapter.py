@@ -27,7 +27,7 @@ from slmops.export import parity
 from slmops.export.auto_opt import check_flags, folder_mb, publish_checked
 from slmops.export.builder import build, lora_kept_float, lora_weights, read_graph
 from slmops.export.runtime import ADAPTER_SUFFIX, GenaiModel
-from slmops.export.source import run_manifest
+from slmops.export.source import quantization_aware, run_manifest
 from slmops.generation import adapter_dir
 from slmops.manifest import write_manifest
 from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
@@ -206,8 +206,9 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
     base = load_model(base_path, torch.float32, trust_remote_code).eval()
     for adapter in adapters:
         check_fits(adapter, base, base_model_path)
-    aware = {(a.manifest or {}).get("options", {}).get("quantization_aware") for a in adapters}
-    if aware == {precision}:  # every adapter trained on the int4-rounded base: that is the reference
+    # every adapter trained on the int4-rounded base: that is the reference
+    rounded = {quantization_aware(a.manifest) for a in adapters} == {precision}
+    if rounded:
         from slmops.models.fake_quant import fake_quantize
         fake_quantize(base)
     modules = sorted({m for a in adapters for m in a.tensors})
@@ -231,7 +232,7 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
             "base_model_path": base_model_path, "adapter_paths": adapter_paths, "adapter_names": taken,
             "device": device, "provider": provider, "precision": precision, "parity_prompts": parity_prompts,
         }, {"base_model": base_path, "adapters": {a.name: str(a.folder) for a in adapters},
-            "lora_inputs": len(mapping), "reference_base": "int4-rounded" if aware == {precision} else "float"},
+            "lora_inputs": len(mapping), "reference_base": "int4-rounded" if rounded else "float"},
             {}, {"parity": results, "size_mb": folder_mb(work),
                                                "wall_time_s": round(time.perf_counter() - started, 2)})
     except BaseException:

@@ -59,9 +59,12 @@ def _base_of(manifest: dict) -> str:
 
 def trained_for(source: Source) -> str | None:
     """The export precision the adapter was trained against (`finetune --quantization_aware`), if any."""
-    if source.adapter is None or source.manifest is None:
-        return None
-    return source.manifest.get("options", {}).get("quantization_aware")
+    return quantization_aware(source.manifest) if source.adapter is not None else None
+
+
+def quantization_aware(manifest: dict | None) -> str | None:
+    """What a finetune run's manifest says its adapter was trained for (`--quantization_aware`)."""
+    return (manifest or {}).get("options", {}).get("quantization_aware")
 
 
 def load_reference(source: Source, trust_remote_code: bool, int4_base: bool = False) -> tuple[Any, Any]:
