@@ -182,13 +182,14 @@ def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[fl
 
 
 def scale_section(model_path: str, peak: float) -> list[dict]:
-    """slmops's training step (packing, head at supervised positions, fast dropout) at 2,048 tokens a
+    """slmops's training step (packing, head at supervised positions, fast LoRA layers) at 2,048 tokens a
     step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a 360M Llama-shaped config (random weights)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from slmops.data.collate import Collator
-    from slmops.training.efficiency import causal_lm_loss, use_fast_dropout, use_segmented_attention
+    from slmops.training.efficiency import causal_lm_loss, use_segmented_attention
+    from slmops.training.fast_lora import use_fast_lora
 
     small = AutoConfig.from_pretrained(model_path)
     big = AutoConfig.from_pretrained(model_path)
@@ -202,7 +203,7 @@ def scale_section(model_path: str, peak: float) -> list[dict]:
         use_segmented_attention(model)
         params = sum(p.numel() for p in model.parameters())
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
-        use_fast_dropout(model)
+        use_fast_lora(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         for length in (128, 512, 2048):
             rows = [{"input_ids": torch.randint(0, cfg.vocab_size, (length,)).tolist()} for _ in range(2048 // length)]

@@ -31,8 +31,9 @@ from slmops.models.loading import is_encoder, linear_module_names, load_model, l
 from slmops.outputs import publish, refuse_existing
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
-from slmops.training.efficiency import (attends_row_by_row, causal_lm_loss, supports_packing, takes_logits_to_keep,
-                                        use_fast_dropout, use_segmented_attention)
+from slmops.training.efficiency import (attends_row_by_row, causal_lm_loss, keep_freed_memory, mlp_at_kept_positions,
+                                        supports_packing, takes_logits_to_keep, use_segmented_attention)
+from slmops.training.fast_lora import use_fast_lora
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.metrics import compute_metrics, response_correct
 from slmops.training.preflight import preflight
@@ -74,6 +75,8 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     if encoder:
         args.label_names = ["labels"]  # an encoder's forward takes no labels, so the Trainer cannot infer them
     model, targets = _build_model(cfg, model_path, amp, args.gradient_checkpointing, encoder)
+    if not on_gpu(cfg):
+        keep_freed_memory()
     packing = cfg.packing and not pairs and supports_packing(model)
     if cfg.packing and not pairs and not packing:
         log.info("this model cannot keep packed rows apart; padding each batch instead")
@@ -84,8 +87,10 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     if pairs:
         collator = PairCollator(tokenizer.pad_token_id, skip_logits=takes_logits_to_keep(model))
     else:
-        collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=packing and reads_kept_logits(loss),
-                            share_prefix=shared)
+        kept_logits = packing and reads_kept_logits(loss)
+        collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=kept_logits, share_prefix=shared)
+        if kept_logits:
+            mlp_at_kept_positions(model)
 
     work.mkdir(parents=True, exist_ok=True)
     stop = GracefulStop()
@@ -240,7 +245,7 @@ def _build_model(cfg: FinetuneConfig, model_path: str, amp: torch.dtype, checkpo
         raise UsageError(f"--method {cfg.method} with --target_modules {','.join(targets)}: "
                          f"{first_line(err)}; layers with weights here: "
                          f"{', '.join(linear_module_names(model))}") from None
-    use_fast_dropout(model)
+    use_fast_lora(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s on %s: %s trainable of %s parameters (%.2f%%)", cfg.method, ",".join(targets),
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
