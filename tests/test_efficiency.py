@@ -59,7 +59,9 @@ def test_packed_batch_learns_exactly_what_the_padded_batch_does(family, segmente
     # transformers' own loss on the padded batch is the reference
     reference = model(**{k: v for k, v in padded.items()}).loss.item()
     loss_pad, grads_pad = loss_and_grads(model, padded)
-    loss_pack, grads_pack = loss_and_grads(model, Collator(0, pack=True)(rows))
+    packed = Collator(0, pack=True)(rows)
+    assert packed["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) - len(rows)  # no padding, no last tokens
+    loss_pack, grads_pack = loss_and_grads(model, packed)
     assert loss_pad == pytest.approx(reference, rel=1e-5)
     assert loss_pack == pytest.approx(reference, rel=1e-5)
     for a, b in zip(grads_pad, grads_pack):
@@ -73,7 +75,8 @@ def test_a_shared_prefix_computed_once_learns_exactly_what_the_padded_batch_does
     rows = varied_rows(prefix=[3, 9, 4])
     loss_pad, grads_pad = loss_and_grads(model, Collator(0, pack=False, keep_logits=False)(rows))
     batch = Collator(0, pack=True, share_prefix=True)(rows)
-    assert int(batch["shared_prefix"]) == 3 and batch["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) - 15
+    # the prefix once (15 tokens saved) and no row's closing target as an input (6 more)
+    assert int(batch["shared_prefix"]) == 3 and batch["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows) - 21
     loss_shared, grads_shared = loss_and_grads(model, batch)
     assert loss_shared == pytest.approx(loss_pad, rel=1e-5)
     for a, b in zip(grads_pad, grads_shared):
@@ -86,22 +89,35 @@ def test_the_shared_prefix_stops_before_any_rows_first_target():
     # Four tokens in common, but token 4 is the first row's target: its prediction needs token 3 in that
     # row, and the token after the prefix is never a target (it follows another row in the pack).
     assert shared_prefix(rows) == 2
-    batch = Collator(0, pack=True, share_prefix=True)(rows)
+    batch = Collator(0, pack=True, keep_logits=False, share_prefix=True)(rows)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 4, 6]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4]]
     assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 4, 5, IGNORE, IGNORE, 6]]
     assert batch["row_bounds"].tolist() == [0, 2, 5, 8]
+    # for a loss on kept logits, each row stops before its last target, and labels run one place on
+    batch = Collator(0, pack=True, share_prefix=True)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3]]
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 4, 5, IGNORE, 6]]
+    assert batch["logits_to_keep"].tolist() == [[False, False, True, True, False, True]]
+    assert batch["row_bounds"].tolist() == [0, 2, 4, 6]
     assert shared_prefix(rows[:1]) == 0 and shared_prefix([rows[0], {**rows[1], "input_ids": [9, 2, 3, 4, 6]}]) == 0
 
 
 def test_packed_rows_never_learn_across_their_boundary():
     rows = [{"input_ids": [7, 8, 9], "labels": [7, 8, 9]}, {"input_ids": [4, 5], "labels": [4, 5]}]
-    batch = Collator(0, pack=True)(rows)
+    batch = Collator(0, pack=True, keep_logits=False)(rows)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # token 4 starts the second row: nothing before it in its own row predicts it
     assert batch["labels"].tolist() == [[IGNORE, 8, 9, IGNORE, 5]]
-    assert batch["logits_to_keep"].tolist() == [[True, True, False, True, False]]
     assert batch["row_bounds"].tolist() == [0, 3, 5]
+    # kept logits: a row's last token predicts nothing and is left out; each position's target is its own row's
+    batch = Collator(0, pack=True)(rows)
+    assert batch["input_ids"].tolist() == [[7, 8, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 8, 9, 5]]
+    assert batch["logits_to_keep"].tolist() == [[True, True, True]]
+    assert batch["row_bounds"].tolist() == [0, 2, 3]
 
 
 def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypatch):

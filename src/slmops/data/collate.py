@@ -24,7 +24,12 @@ class Collator:
     continues after them at the same positions and attends to them (`segmented_sdpa`). Each row's
     logits, loss and gradients are the same as with the prefix repeated.
 
-    The examples, labels and the loss's normalisation (supervised tokens per batch) are the same
+    With `keep_logits` (a loss that reads only the supervised positions' logits), a packed row also
+    goes in only up to the token before its last target: what follows (an answer's closing token)
+    reaches no logit. `labels` then hold each input position's target one place on, one longer than
+    `input_ids`.
+
+    The examples, targets and the loss's normalisation (supervised tokens per batch) are the same
     either way: packing changes the speed, not what is learned.
     """
 
@@ -37,22 +42,45 @@ class Collator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self._packed(rows) if self.pack else self._padded(rows)
         if self.keep_logits:
-            keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-            keep[:, :-1] = batch["labels"][:, 1:] != IGNORE
+            keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            targets = batch["labels"][:, 1:]
+            keep[:, :targets.shape[1]] = targets != IGNORE
             batch["logits_to_keep"] = keep
         return batch
 
     def _packed(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         shared = shared_prefix(rows) if self.share_prefix else 0
-        segments = [(torch.as_tensor(r["input_ids"][shared:]), torch.as_tensor(r["labels"][shared:]),
-                     torch.arange(shared, len(r["input_ids"]))) for r in rows]
+        segments = [(r["input_ids"], r["labels"], shared) for r in rows]
         if shared:
-            prefix = torch.as_tensor(rows[0]["input_ids"][:shared])
-            segments.insert(0, (prefix, torch.full_like(prefix, IGNORE), torch.arange(shared)))
-        ids, labels, positions = (torch.cat(parts) for parts in zip(*segments))
-        bounds = torch.tensor([0, *torch.tensor([len(s[0]) for s in segments]).cumsum(0).tolist()])
+            segments.insert(0, (rows[0]["input_ids"][:shared], [IGNORE] * shared, 0))
+        if self.keep_logits:
+            return self._packed_targets(segments, shared)
+        ids, labels, positions = (torch.cat(parts) for parts in zip(*[
+            (torch.as_tensor(t[start:]), torch.as_tensor(l[start:]), torch.arange(start, len(t)))
+            for t, l, start in segments]))
+        bounds = _bounds(len(t) - start for t, _, start in segments)
         # A segment's first token has no prediction from inside its segment: never learn it from the one before.
         labels[bounds[:-1]] = IGNORE
+        return self._finish(ids, positions, labels, bounds, shared)
+
+    def _packed_targets(self, segments: list[tuple[Any, Any, int]], shared: int) -> dict[str, torch.Tensor]:
+        """Packing for a loss that reads only the kept logits: each row goes in up to the token before
+        its last target (what follows reaches no logit: the closing token of an answer, say), and
+        `labels` holds each input position's own target one place on, one longer than `input_ids`
+        (position t's target is labels[t + 1], as a causal loss reads them)."""
+        ids, targets, positions = [], [], []
+        for tokens, labels, start in segments:
+            end = _last_target(labels) or len(tokens)
+            ids.append(torch.as_tensor(tokens[start:end]))
+            targets.append(torch.as_tensor([*labels, IGNORE][start + 1:end + 1]))  # the last token predicts nothing
+            positions.append(torch.arange(start, end))
+        bounds = _bounds(len(i) for i in ids)
+        labels = torch.cat([torch.tensor([IGNORE]), *targets])
+        return self._finish(torch.cat(ids), torch.cat(positions), labels, bounds, shared)
+
+    @staticmethod
+    def _finish(ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, bounds: torch.Tensor,
+                shared: int) -> dict[str, torch.Tensor]:
         batch = {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None],
                  "row_bounds": bounds}
         if shared:
@@ -83,6 +111,16 @@ def shared_prefix(rows: list[dict[str, Any]]) -> int:
     while n < limit and all(r["input_ids"][n] == first[n] for r in rows[1:]):
         n += 1
     return n
+
+
+def _bounds(lengths) -> torch.Tensor:
+    """Start offsets of the segments laid end to end, plus the total length."""
+    return torch.tensor([0, *torch.tensor(list(lengths)).cumsum(0).tolist()])
+
+
+def _last_target(labels: Any) -> int:
+    """The index of the last supervised token (0 when there is none)."""
+    return next((i for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), 0)
 
 
 def _first_target(labels: Any) -> int:

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def supervised_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions whose next token is supervised, those tokens, and the (batch, length - 1)
-    mask of the positions. `logits` is either (positions kept, vocab) from `logits_to_keep`, or the full
-    (batch, length, vocab) when the model cannot skip positions."""
+    """Logits at the positions whose next token is supervised, those tokens, and the mask of the
+    positions (position t's target is labels[t + 1]). `logits` is either (positions kept, vocab) from
+    `logits_to_keep`, or the full (batch, length, vocab) when the model cannot skip positions."""
     targets = labels[..., 1:]
     supervised = targets != IGNORE
     if logits.dim() == 3:
@@ -120,7 +120,7 @@ def supports_packing(model: nn.Module) -> bool:
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5)]
-    batch = Collator(0, pack=True)([{"input_ids": r, "labels": r} for r in rows])
+    batch = Collator(0, pack=True, keep_logits=False)([{"input_ids": r, "labels": r} for r in rows])
     batch = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
     batch["logits_to_keep"] = torch.ones_like(batch["input_ids"], dtype=torch.bool)
     training = model.training

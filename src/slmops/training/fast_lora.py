@@ -32,14 +32,17 @@ class FastDropout(nn.Module):
         # Drop when a uniform 16-bit integer in [-32768, 32767] falls below this threshold.
         self.threshold = round(p * 65536) - 32768
 
-    def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The dropout mask for `x`, holding 1/(1-p) where kept: one multiply applies it."""
+    def mask(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """The dropout mask for `x`: 1/(1-p) where kept (one multiply applies dropout), or 1 with
+        `scaled=False` for a caller that folds the scale into its own product."""
         n = x.numel()
         seed = int(torch.randint(0, 2**62, ()))
         bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
         keep = (bits >= self.threshold).astype(np.float32)
-        keep *= np.float32(1 / (1 - self.p))
-        return torch.from_numpy(keep).view(x.shape).to(x.dtype)
+        if scaled:
+            keep *= np.float32(1 / (1 - self.p))
+        keep = torch.from_numpy(keep).view(x.shape)
+        return keep if keep.dtype == x.dtype else keep.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -91,16 +94,18 @@ class FusedLoraLinear(LoraLinear):
         name = self._fusable(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        dropout = self.lora_dropout[name]
-        mask = dropout.mask(x) if isinstance(dropout, FastDropout) and dropout.training and dropout.p else None
+        dropout, scale, mask = self.lora_dropout[name], self.scaling[name], None
+        if isinstance(dropout, FastDropout) and dropout.training and dropout.p:
+            # a 0/1 mask, exact in any dtype; dropout's 1/(1-p) joins the adapter's scale
+            mask, scale = dropout.mask(x, scaled=False), scale / (1 - dropout.p)
         inputs = [x, mask, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
                   self.lora_B[name].weight]
         if torch.is_autocast_enabled("cpu"):  # what autocast would do: every matmul in its dtype
             dtype = torch.get_autocast_dtype("cpu")
             inputs = [t if t is None else t.to(dtype) for t in inputs]
             with torch.autocast("cpu", enabled=False):
-                return _LoraLinearFunction.apply(*inputs, self.scaling[name])
-        return _LoraLinearFunction.apply(*inputs, self.scaling[name])
+                return _LoraLinearFunction.apply(*inputs, scale)
+        return _LoraLinearFunction.apply(*inputs, scale)
 
     def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active adapter's name when the fused path computes exactly peft's layer, else None."""
