@@ -56,9 +56,9 @@ class Collator:
         if self.keep_logits:
             return self._packed_targets(segments, shared)
         ids, labels, positions = (torch.cat(parts) for parts in zip(*[
-            (torch.as_tensor(t[start:]), torch.as_tensor(l[start:]), torch.arange(start, len(t)))
-            for t, l, start in segments]))
-        bounds = _bounds(len(t) - start for t, _, start in segments)
+            (torch.as_tensor(tokens[start:]), torch.as_tensor(targets[start:]), torch.arange(start, len(tokens)))
+            for tokens, targets, start in segments]))
+        bounds = _bounds(len(tokens) - start for tokens, _, start in segments)
         # A segment's first token has no prediction from inside its segment: never learn it from the one before.
         labels[bounds[:-1]] = IGNORE
         return self._finish(ids, positions, labels, bounds, shared)
