@@ -134,3 +134,15 @@ def test_use_fast_lora_switches_every_adapter_layer(tokenizer_dir, models_root):
     attn = gpt2.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(attn.lora_dropout["default"], FastDropout)
     assert attn._fusable(torch.zeros(1, 2, 64), (), {}) is None
+
+
+def test_gradient_checkpointing_replays_the_same_masks(tiny_llama):
+    _, fused = peft_pair(tiny_llama, 0.1)
+    ids = torch.randint(5, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(fused.train(), ids)
+    # the recomputed forward draws its masks again: from torch's replayed RNG state, so the same ones
+    fused.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_ckpt, grads_ckpt = loss_and_grads(fused, ids)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6)

@@ -6,6 +6,9 @@
 - `use_segmented_attention`: PyTorch's CPU attention over a packed row computes every row against
   every other and masks the products away; a batch of 16 short rows then spends 16x the attention
   FLOPs (15% of a SmolLM2 step). Attention row by row costs what padding-free should.
+- `mlp_at_kept_positions`: the last layer's MLP only where a logit is read (the collator likewise
+  leaves out each row's tokens after its last target).
+- `keep_freed_memory`: no page faults for activations freed and allocated again every step.
 - The adapter layers themselves are made cheaper in `slmops.training.fast_lora`.
 """
 
