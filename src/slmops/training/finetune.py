@@ -82,12 +82,12 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
         log.info("this model cannot keep packed rows apart; padding each batch instead")
     if packing:
         args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
-    # Row-by-row attention is what lets rows continue from one prefix; users' losses see plain packed rows.
-    shared = packing and cfg.share_prefix and reads_kept_logits(loss) and attends_row_by_row(model)
+    kept_logits = packing and reads_kept_logits(loss)  # users' losses see plain packed rows
+    # Row-by-row attention is what lets rows continue from one prefix.
+    shared = kept_logits and cfg.share_prefix and attends_row_by_row(model)
     if pairs:
         collator = PairCollator(tokenizer.pad_token_id, skip_logits=takes_logits_to_keep(model))
     else:
-        kept_logits = packing and reads_kept_logits(loss)
         collator = Collator(tokenizer.pad_token_id, pack=packing, keep_logits=kept_logits, share_prefix=shared)
         if kept_logits:
             mlp_at_kept_positions(model)
