@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -14,7 +15,7 @@ from conftest import FAMILIES, build_model
 from slmops.data.collate import Collator, shared_prefix
 from slmops.data.formatting import IGNORE
 from slmops.training.efficiency import (causal_lm_loss, keep_freed_memory, last_mlp, mlp_at_kept_positions,
-                                        supports_packing, use_segmented_attention)
+                                        segmented_sdpa, supports_packing, use_segmented_attention)
 
 
 def varied_rows(n: int = 6, vocab: int = 300, prefix: list[int] = ()) -> list[dict]:
@@ -130,17 +131,41 @@ def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypa
 
 
 def spy_attention_lengths(monkeypatch) -> list[int]:
-    """Record the query length of every SDPA attention call."""
-    import transformers.integrations.sdpa_attention as sdpa
+    """Record the query length of every call to PyTorch's SDPA."""
+    lengths, original = [], F.scaled_dot_product_attention
 
-    lengths, original = [], sdpa.sdpa_attention_forward
-
-    def spy(module, query, *args, **kwargs):
+    def spy(query, *args, **kwargs):
         lengths.append(query.shape[2])
-        return original(module, query, *args, **kwargs)
+        return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return lengths
+
+
+def test_row_by_row_attention_is_transformers_sdpa_on_each_row(monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    bounds, rows = torch.tensor([0, 3, 7]), [(0, 3), (3, 7)]
+
+    def per_row(**kwargs):
+        return torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, **kwargs)[0]
+                          for a, b in rows], dim=1)
+
+    lengths = spy_attention_lengths(monkeypatch)
+    # what the Trainer passes along (num_items_in_batch) changes nothing
+    out, _ = segmented_sdpa(module, q, k, v, None, row_bounds=bounds, scaling=0.3, dropout=0.0, sliding_window=None,
+                            num_items_in_batch=torch.tensor(5))
+    assert lengths == [3, 4] and out.is_contiguous()
+    torch.testing.assert_close(out, per_row(scaling=0.3))  # grouped heads, scale and layout as the wrapper's
+    # an argument only transformers' wrapper applies sends each row through it
+    out, _ = segmented_sdpa(module, q, k, v, None, row_bounds=bounds, scaling=0.3, is_causal=False)
+    bidirectional = per_row(scaling=0.3, is_causal=False)
+    torch.testing.assert_close(out, bidirectional)
+    assert not torch.allclose(bidirectional, per_row(scaling=0.3))
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["rows", "rows-after-a-shared-prefix"])

@@ -5,74 +5,87 @@ model: drawing dropout masks, and the passes autograd makes over every activatio
 `base(x) + B(A(dropout(x))) * scale` (the scale, the sum, their gradients, and the sum of the
 base's and the adapter's input gradients). Two replacements, used only where they apply:
 
-- `FastDropout` draws the same Bernoulli mask (keep probability to within 2^-16) from numpy's
-  SFC64 generator, 16 bits an element, and builds the float mask in numpy: 4x cheaper than torch's
-  Mersenne Twister draw plus its casts (1.4x in place, where memory is cold). It is seeded from
-  torch's generator on every call, so `torch.manual_seed`, the Trainer's saved RNG state and
-  gradient checkpointing's replay of that state still decide every mask.
+- `FastDropout` draws only the positions it zeroes: the gaps between them are geometric, which is
+  an independent Bernoulli(p) draw per element, for about p of the random numbers (one uniform
+  and one log per dropped element). The draw comes from torch's generator, so
+  `torch.manual_seed`, the Trainer's saved RNG state and gradient checkpointing's replay of that
+  state decide every mask. No float mask is built or kept for the backward pass, only the indices.
 - `FusedLoraLinear` runs a vanilla LoRA layer as one autograd function: the scaled low-rank product
   is added into the base output by the matmul itself (`addmm_`), the backward pass puts the
   adapter's share of the input gradient into the base's in one pass, and dropout's 1/(1-p) joins the
-  adapter's scale, so the mask is 0/1.
+  adapter's scale, so dropping is a plain fill with zeros.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 
+def bernoulli_positions(n: int, p: float, sigmas: float = 8.0) -> torch.Tensor:
+    """The increasing positions in [0, n) where independent Bernoulli(p) draws come up 1.
+
+    Gaps between them are geometric, drawn by inversion, ceil(log(1 - U) / log(1 - p)), from float32
+    uniforms: the per-element probability is p to within 2^-24, and the op chain runs in a few
+    microseconds where float64's took twice as long. Each round draws enough gaps to pass n but for
+    a `sigmas`-standard-deviation shortfall; a shortfall only costs another round."""
+    per_log = 1 / math.log1p(-p)
+    rounds, last = [], -1
+    while True:
+        expected = (n - 1 - last) * p
+        gaps = torch.empty(max(int(expected + sigmas * expected ** 0.5) + 16, 1))
+        gaps = gaps.uniform_().neg_().log1p_().mul_(per_log).ceil_().clamp_min_(1).long()
+        positions = gaps.cumsum_(0).add_(last)
+        last = int(positions[-1])
+        if last >= n:
+            rounds.append(positions[: int(torch.searchsorted(positions, n))])
+            return rounds[0] if len(rounds) == 1 else torch.cat(rounds)
+        rounds.append(positions)
+
+
 class FastDropout(nn.Module):
-    """`nn.Dropout` with a cheaper random mask on CPU."""
+    """`nn.Dropout` (0 < p < 1) that draws only the positions it drops, on CPU."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        # Drop when a uniform 16-bit integer in [-32768, 32767] falls below this threshold.
-        self.threshold = round(p * 65536) - 32768
 
-    def mask(self, x: torch.Tensor, scaled: bool = True) -> torch.Tensor:
-        """The dropout mask for `x`: 1/(1-p) where kept (one multiply applies dropout), or 1 with
-        `scaled=False` for a caller that folds the scale into its own product."""
-        n = x.numel()
-        seed = int(torch.randint(0, 2**62, ()))
-        bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
-        keep = (bits >= self.threshold).astype(np.float32)
-        if scaled:
-            keep *= np.float32(1 / (1 - self.p))
-        keep = torch.from_numpy(keep).view(x.shape)
-        return keep if keep.dtype == x.dtype else keep.to(x.dtype)
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Positions in `x.reshape(-1)` to zero."""
+        return bernoulli_positions(x.numel(), self.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        return x * self.mask(x)
+        return (x * (1 / (1 - self.p))).reshape(-1).index_fill(0, self.dropped(x), 0).view(x.shape)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + scale * ((x * mask) A^T) B^T, with `mask` None when nothing is dropped."""
+    """y = x W^T + b + scale * (x' A^T) B^T, where x' is x with the elements at flat positions
+    `drop` zeroed (`drop` is None when nothing is dropped)."""
 
     @staticmethod
-    def forward(ctx, x, mask, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, drop, weight, bias, lora_a, lora_b, scale):
         y = F.linear(x, weight, bias)
-        dropped = x if mask is None else x * mask
+        dropped = x if drop is None else x.reshape(-1).index_fill(0, drop, 0).view(x.shape)
         h = F.linear(dropped, lora_a)
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), lora_b.t(), alpha=scale)
         ctx.scale = scale
-        ctx.save_for_backward(dropped, mask, h, weight, lora_a, lora_b)
+        ctx.save_for_backward(dropped, drop, h, weight, lora_a, lora_b)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        dropped, mask, h, weight, lora_a, lora_b = ctx.saved_tensors
+        dropped, drop, h, weight, lora_a, lora_b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_h = (g @ lora_b).mul_(ctx.scale)
         grad_a = grad_h.t() @ dropped.reshape(-1, dropped.shape[-1])
@@ -80,10 +93,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if mask is None:
+            if drop is None:
                 grad_x.addmm_(grad_h, lora_a)
             else:
-                grad_x.addcmul_(grad_h @ lora_a, mask.view(-1, mask.shape[-1]))
+                adapter = grad_h @ lora_a
+                grad_x.add_(adapter.view(-1).index_fill_(0, drop, 0).view(adapter.shape))
             grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
         return grad_x, None, None, None, grad_a, grad_b, None
 
@@ -96,18 +110,17 @@ class FusedLoraLinear(LoraLinear):
         name = self._fusable(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        dropout, scale, mask = self.lora_dropout[name], self.scaling[name], None
-        if isinstance(dropout, FastDropout) and dropout.training and dropout.p:
-            # a 0/1 mask, exact in any dtype; dropout's 1/(1-p) joins the adapter's scale
-            mask, scale = dropout.mask(x, scaled=False), scale / (1 - dropout.p)
-        inputs = [x, mask, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                  self.lora_B[name].weight]
+        dropout, scale, drop = self.lora_dropout[name], self.scaling[name], None
+        if isinstance(dropout, FastDropout) and dropout.training:
+            # dropout's 1/(1-p) joins the adapter's scale; the dropped elements are zero fills
+            drop, scale = dropout.dropped(x), scale / (1 - dropout.p)
+        params = [self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight]
         if torch.is_autocast_enabled("cpu"):  # what autocast would do: every matmul in its dtype
             dtype = torch.get_autocast_dtype("cpu")
-            inputs = [t if t is None else t.to(dtype) for t in inputs]
+            x, *params = [t if t is None else t.to(dtype) for t in (x, *params)]
             with torch.autocast("cpu", enabled=False):
-                return _LoraLinearFunction.apply(*inputs, scale)
-        return _LoraLinearFunction.apply(*inputs, scale)
+                return _LoraLinearFunction.apply(x, drop, *params, scale)
+        return _LoraLinearFunction.apply(x, drop, *params, scale)
 
     def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The one active adapter's name when the fused path computes exactly peft's layer, else None."""
@@ -132,7 +145,7 @@ def use_fast_lora(model: nn.Module) -> int:
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, nn.ModuleDict):
             for adapter, dropout in list(dropouts.items()):
-                if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+                if isinstance(dropout, nn.Dropout) and 0 < dropout.p < 1:
                     dropouts[adapter] = FastDropout(dropout.p)
         if type(module) is LoraLinear:
             module.__class__ = FusedLoraLinear
