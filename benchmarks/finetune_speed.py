@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,6 +233,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def medians(results: list[dict]) -> list[dict]:
+    """Per system, the median of each measure over its repeats, and slmops's median speed-up on it."""
+    by_system: dict[str, list[dict]] = {}
+    for r in results:
+        by_system.setdefault(r["system"], []).append(r)
+    ours = statistics.median(r["tokens_per_s"] for r in by_system["slmops"])
+    rows = []
+    for system, runs in by_system.items():
+        tok = statistics.median(r["tokens_per_s"] for r in runs)
+        rows.append({"system": system, "runs": len(runs), "non-pad tokens/s": f"{tok:.1f}",
+                     "slmops speed-up": f"{ours / tok:.2f}x",
+                     "peak RSS": f"{statistics.median(r['peak_rss_gb'] for r in runs):.2f} GB",
+                     "val loss": f"{statistics.median(r['val_loss'] for r in runs):.4f}",
+                     "dev acc": f"{100 * statistics.median(r['dev_acc'] for r in runs):.2f}%",
+                     "MFU (fp32 peak)": f"{100 * statistics.median(r['mfu'] for r in runs):.0f}%"})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="Hugging Face folder (default: slmops's smollm2-135m-instruct)")
@@ -269,18 +288,19 @@ def main() -> None:
             text, wall, rss = run_tree(cmd, cwd, out / f"{system}-{rep}.log")
             runtime, adapter = parse(text)
             tok, model = scorer.load(a.model, str(adapter))
-            results.append({"system": system, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
+            results.append({"system": system, "repeat": rep, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
                             "tokens_per_s": sum(tokens) / runtime, "peak_rss_gb": rss / 1024,
                             "val_loss": scorer.answer_loss(tok, model, val_rows),
                             "dev_acc": scorer.accuracy(tok, model, dev_rows),
                             "mfu": sum(flops) / runtime / 1e9 / peaks["float32"]})
             print(results[-1], flush=True)
 
-    ours = [r for r in results if r["system"] == "slmops"]
+    ours = {r["repeat"]: r for r in results if r["system"] == "slmops"}
     table = []
     for r in results:
-        ref = ours[0] if ours else r
-        table.append({"system": r["system"], "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s",
+        ref = ours.get(r["repeat"], r)  # each repeat against slmops's run in the same repeat
+        table.append({"system": r["system"], "repeat": r["repeat"] + 1,
+                      "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s",
                       "non-pad tokens/s": f"{r['tokens_per_s']:.1f}",
                       "slmops speed-up": f"{ref['tokens_per_s'] / r['tokens_per_s']:.2f}x",
                       "peak RSS": f"{r['peak_rss_gb']:.2f} GB",
@@ -290,6 +310,9 @@ def main() -> None:
     print(f"\n{a.rows} rows, {sum(tokens)} real tokens, {sum(flops) / 1e12:.1f} TFLOP of loss-relevant work; "
           f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s\n")
     print(markdown(table))
+    if a.repeats > 1 and ours:
+        print("\nMedians over the repeats (the machine's drift moves single runs by up to ~10%):\n")
+        print(markdown(medians(results)))
     report = {"peaks_gflops": peaks, "rows": a.rows, "tokens": sum(tokens), "results": results}
     if a.scale:
         report["scale"] = scale_section(a.model, peaks["float32"])

@@ -11,9 +11,9 @@ base's and the adapter's input gradients). Two replacements, used only where the
   `torch.manual_seed`, the Trainer's saved RNG state and gradient checkpointing's replay of that
   state decide every mask. No float mask is built or kept for the backward pass, only the indices.
 - `FusedLoraLinear` runs a vanilla LoRA layer as one autograd function: the scaled low-rank product
-  is added into the base output by the matmul itself (`addmm_`), the backward pass puts the
-  adapter's share of the input gradient into the base's in one pass, and dropout's 1/(1-p) joins the
-  adapter's scale, so dropping is a plain fill with zeros.
+  is added into the base output by the matmul itself (`addmm_`), and so is the adapter's share of
+  the input gradient into the base's (the base's values are then put back at the dropped
+  positions). Dropout's 1/(1-p) joins the adapter's scale, so dropping is a plain fill with zeros.
 """
 
 from __future__ import annotations
@@ -93,11 +93,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if drop is None:
-                grad_x.addmm_(grad_h, lora_a)
-            else:
-                adapter = grad_h @ lora_a
-                grad_x.add_(adapter.view(-1).index_fill_(0, drop, 0).view(adapter.shape))
+            base = None if drop is None else grad_x.view(-1).take(drop)
+            grad_x.addmm_(grad_h, lora_a)
+            if base is not None:  # dropped inputs get no adapter gradient: put the base's back
+                grad_x.view(-1).index_copy_(0, drop, base)
             grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
         return grad_x, None, None, None, grad_a, grad_b, None
 
