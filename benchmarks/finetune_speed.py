@@ -234,7 +234,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def medians(results: list[dict]) -> list[dict]:
-    """Per system, the median of each measure over its repeats, and slmops's median speed-up on it."""
+    """Per system, the median of each measure over its repeats; the speed-up is slmops's median tokens/s
+    over the system's."""
     by_system: dict[str, list[dict]] = {}
     for r in results:
         by_system.setdefault(r["system"], []).append(r)
