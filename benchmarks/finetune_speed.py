@@ -233,23 +233,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MEASURES = ("tokens_per_s", "peak_rss_gb", "val_loss", "dev_acc", "mfu")
+
+
+def measured(r: dict, ref: dict) -> dict:
+    """The table's columns for one result, its ratios against `ref` (slmops's)."""
+    return {"non-pad tokens/s": f"{r['tokens_per_s']:.1f}",
+            "slmops speed-up": f"{ref['tokens_per_s'] / r['tokens_per_s']:.2f}x",
+            "peak RSS": f"{r['peak_rss_gb']:.2f} GB",
+            "RSS vs slmops": f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x",
+            "val loss": f"{r['val_loss']:.4f}", "dev acc": f"{100 * r['dev_acc']:.2f}%",
+            "MFU (fp32 peak)": f"{100 * r['mfu']:.0f}%"}
+
+
 def medians(results: list[dict]) -> list[dict]:
-    """Per system, the median of each measure over its repeats; the speed-up is slmops's median tokens/s
-    over the system's."""
+    """Per system, the median of each measure over its repeats, against slmops's medians."""
     by_system: dict[str, list[dict]] = {}
     for r in results:
         by_system.setdefault(r["system"], []).append(r)
-    ours = statistics.median(r["tokens_per_s"] for r in by_system["slmops"])
-    rows = []
-    for system, runs in by_system.items():
-        tok = statistics.median(r["tokens_per_s"] for r in runs)
-        rows.append({"system": system, "runs": len(runs), "non-pad tokens/s": f"{tok:.1f}",
-                     "slmops speed-up": f"{ours / tok:.2f}x",
-                     "peak RSS": f"{statistics.median(r['peak_rss_gb'] for r in runs):.2f} GB",
-                     "val loss": f"{statistics.median(r['val_loss'] for r in runs):.4f}",
-                     "dev acc": f"{100 * statistics.median(r['dev_acc'] for r in runs):.2f}%",
-                     "MFU (fp32 peak)": f"{100 * statistics.median(r['mfu'] for r in runs):.0f}%"})
-    return rows
+    middle = {system: {m: statistics.median(r[m] for r in runs) for m in MEASURES}
+              for system, runs in by_system.items()}
+    return [{"system": system, "runs": len(by_system[system]), **measured(m, middle["slmops"])}
+            for system, m in middle.items()]
 
 
 def main() -> None:
@@ -301,13 +306,7 @@ def main() -> None:
     for r in results:
         ref = ours.get(r["repeat"], r)  # each repeat against slmops's run in the same repeat
         table.append({"system": r["system"], "repeat": r["repeat"] + 1,
-                      "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s",
-                      "non-pad tokens/s": f"{r['tokens_per_s']:.1f}",
-                      "slmops speed-up": f"{ref['tokens_per_s'] / r['tokens_per_s']:.2f}x",
-                      "peak RSS": f"{r['peak_rss_gb']:.2f} GB",
-                      "RSS vs slmops": f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x",
-                      "val loss": f"{r['val_loss']:.4f}", "dev acc": f"{100 * r['dev_acc']:.2f}%",
-                      "MFU (fp32 peak)": f"{100 * r['mfu']:.0f}%"})
+                      "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s", **measured(r, ref)})
     print(f"\n{a.rows} rows, {sum(tokens)} real tokens, {sum(flops) / 1e12:.1f} TFLOP of loss-relevant work; "
           f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s\n")
     print(markdown(table))
