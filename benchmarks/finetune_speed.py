@@ -2,7 +2,9 @@
 
 Every system trains SmolLM2-135M-Instruct on the same SST-2 rows with the same recipe (LoRA r16/alpha
 32/dropout 0.05 on all linear layers, loss on the answer only, batch 16, lr 2e-4 cosine, one epoch, fp32
-on a CPU without native bf16), each in its own process, in alternating order over `--repeats`. One
+on a CPU without native bf16), each in its own process, in alternating order over `--repeats`; repeat k
+seeds every system with `--seed` + k, so that the repeats show how far loss and accuracy move with the
+seed (the adapter's initialisation, data order and dropout), the yardstick for "equal". One
 scorer (benchmarks/sst2_accuracy.py, plain transformers + peft) then measures every adapter: validation
 loss on the rows after the training rows and accuracy on dev.jsonl.
 
@@ -72,15 +74,16 @@ def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[str, float, float]:
     return text, time.perf_counter() - start, peak / 2**20
 
 
-# Each runner returns the command, a parser of its output -> (train seconds, adapter folder), and a cwd.
-def run_slmops(a, out: Path, extra: tuple[str, ...] = ()):
+# Each runner takes the arguments, an output folder and a seed, and returns the command, a parser of its
+# output -> (train seconds, adapter folder), and a cwd.
+def run_slmops(a, out: Path, seed: int, extra: tuple[str, ...] = ()):
     cmd = [sys.executable, "-m", "slmops", "finetune", "--model_name_or_path", a.model, "--data_name", a.data,
            "--train_split", f"train[:{a.rows}]", "--eval_split", f"train[{a.rows}:{a.rows + a.val_rows}]",
            "--text_template", TEMPLATE, "--method", "lora", "--lora_r", str(RECIPE["r"]),
            "--lora_alpha", str(RECIPE["alpha"]), "--lora_dropout", str(RECIPE["dropout"]),
            "--per_device_train_batch_size", str(RECIPE["batch"]), "--learning_rate", str(RECIPE["lr"]),
-           "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--output_path", str(out), "--overwrite",
-           *extra]
+           "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--seed", str(seed), "--output_path", str(out),
+           "--overwrite", *extra]
 
     def result(text: str):  # the trainer's clock less the evaluations slmops runs inside it (the others run none)
         r = json.loads((out / "manifest.json").read_text())["results"]
@@ -88,9 +91,9 @@ def run_slmops(a, out: Path, extra: tuple[str, ...] = ()):
     return cmd, result, Path.cwd()
 
 
-def run_plain(a, out: Path):
+def run_plain(a, out: Path, seed: int):
     cmd = [sys.executable, str(HERE / "plain_recipe.py"), "--model", a.model, "--data", a.data,
-           "--rows", str(a.rows), "--out", str(out)]
+           "--rows", str(a.rows), "--seed", str(seed), "--out", str(out)]
     return cmd, lambda text: (json.loads(text.strip().splitlines()[-1])["train_runtime_s"], out / "adapter"), Path.cwd()
 
 
@@ -120,7 +123,7 @@ def answer_only(dataset, model_name, prompt_template, answer_template, max_sampl
 '''
 
 
-def run_olive(a, out: Path):
+def run_olive(a, out: Path, seed: int):
     """`olive run` with the LoRA pass configured like the other recipes (the `olive finetune` CLI can
     neither put the loss on the answer only nor keep one row per example)."""
     work = Path(tempfile.mkdtemp(prefix="olive-"))  # Olive caches in its working folder: always fresh
@@ -139,7 +142,7 @@ def run_olive(a, out: Path):
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "training_args": {"per_device_train_batch_size": RECIPE["batch"], "learning_rate": RECIPE["lr"],
                               "lr_scheduler_type": "cosine", "num_train_epochs": 1, "gradient_checkpointing": False,
-                              "logging_steps": 10, "seed": 42, "output_dir": str(work / "trainer")}}},
+                              "logging_steps": 10, "seed": seed, "output_dir": str(work / "trainer")}}},
         "output_dir": str(out), "no_artifacts": True, "log_severity_level": 1,
     }
     (work / "config.json").write_text(json.dumps(config, indent=1))
@@ -155,7 +158,7 @@ def run_olive(a, out: Path):
 
 RUNNERS = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive,
            # slmops computing the batch's shared prefix once (--share_prefix, off by default)
-           "slmops-shared": lambda a, out: run_slmops(a, out, ("--share_prefix", "true"))}
+           "slmops-shared": lambda a, out, seed: run_slmops(a, out, seed, ("--share_prefix", "true"))}
 
 
 def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[float]]:
@@ -268,6 +271,7 @@ def main() -> None:
     ap.add_argument("--systems", default="plain,slmops,olive", help=f"some of {', '.join(RUNNERS)}")
     ap.add_argument("--olive-python", dest="olive_python", help="python of a virtualenv with olive-ai[finetune]")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=42, help="seed of the first repeat; repeat k uses seed + k (default 42)")
     ap.add_argument("--out", default="runs/speed")
     ap.add_argument("--scale", action="store_true", help="also time steps at 128/512/2048 tokens, 135M and 360M")
     a = ap.parse_args()
@@ -289,12 +293,12 @@ def main() -> None:
     for rep in range(a.repeats):
         for system in systems if rep % 2 == 0 else systems[::-1]:
             folder = out / f"{system}-{rep}"
-            cmd, parse, cwd = RUNNERS[system](a, folder)
+            cmd, parse, cwd = RUNNERS[system](a, folder, a.seed + rep)
             print(f"[{system} {rep + 1}/{a.repeats}] {' '.join(cmd[:4])} ...", flush=True)
             text, wall, rss = run_tree(cmd, cwd, out / f"{system}-{rep}.log")
             runtime, adapter = parse(text)
             tok, model = scorer.load(a.model, str(adapter))
-            results.append({"system": system, "repeat": rep, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
+            results.append({"system": system, "repeat": rep, "seed": a.seed + rep, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
                             "tokens_per_s": sum(tokens) / runtime, "peak_rss_gb": rss / 1024,
                             "val_loss": scorer.answer_loss(tok, model, val_rows),
                             "dev_acc": scorer.accuracy(tok, model, dev_rows),
@@ -305,7 +309,7 @@ def main() -> None:
     table = []
     for r in results:
         ref = ours.get(r["repeat"], r)  # each repeat against slmops's run in the same repeat
-        table.append({"system": r["system"], "repeat": r["repeat"] + 1,
+        table.append({"system": r["system"], "repeat": r["repeat"] + 1, "seed": r["seed"],
                       "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s", **measured(r, ref)})
     print(f"\n{a.rows} rows, {sum(tokens)} real tokens, {sum(flops) / 1e12:.1f} TFLOP of loss-relevant work; "
           f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s\n")

@@ -16,7 +16,7 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 PROMPT = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n"
 ANSWER = "{tone}<|im_end|>"
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--out", required=True)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
 
     start = time.perf_counter()
@@ -47,13 +48,15 @@ def main() -> None:
                 "attention_mask": torch.tensor([pad([1] * len(b["input_ids"]), 0) for b in batch]),
                 "labels": torch.tensor([pad(b["labels"], -100) for b in batch])}
 
+    set_seed(args.seed)  # before the adapter's initialisation, as transformers' example scripts do
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     targs = TrainingArguments(output_dir=args.out, per_device_train_batch_size=16, learning_rate=2e-4,
                               lr_scheduler_type="cosine", num_train_epochs=1, logging_steps=10, save_strategy="no",
                               report_to="none", bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
-                              remove_unused_columns=False, include_num_input_tokens_seen="non_padding", seed=42)
+                              remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+                              seed=args.seed)
     trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=collate)
     result = trainer.train()
     model.save_pretrained(f"{args.out}/adapter")
