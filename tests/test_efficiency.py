@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES, build_model
 from slmops.data.collate import Collator, shared_prefix
 from slmops.data.formatting import IGNORE
-from slmops.training.efficiency import (causal_lm_loss, keep_freed_memory, last_mlp, mlp_at_kept_positions,
-                                        segmented_sdpa, supports_packing, use_segmented_attention)
+from slmops.training.efficiency import (causal_lm_loss, drops_out, keep_freed_memory, last_mlp,
+                                        mlp_at_kept_positions, segmented_sdpa, supports_packing,
+                                        use_segmented_attention)
+from slmops.training.fast_lora import use_fast_lora
 
 
 def varied_rows(n: int = 6, vocab: int = 300, prefix: list[int] = ()) -> list[dict]:
@@ -82,6 +84,23 @@ def test_a_shared_prefix_computed_once_learns_exactly_what_the_padded_batch_does
     assert loss_shared == pytest.approx(loss_pad, rel=1e-5)
     for a, b in zip(grads_pad, grads_shared):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_is_found_in_adapters_layers_and_config(tiny_llama, tokenizer_dir, models_root):
+    """What decides whether a shared prefix is exact by default."""
+    def adapted(path, p):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        return get_peft_model(model, LoraConfig(r=4, lora_dropout=p, target_modules="all-linear"))
+    assert not drops_out(adapted(tiny_llama, 0.0))
+    assert drops_out(adapted(tiny_llama, 0.05))
+    fast = adapted(tiny_llama, 0.05)
+    use_fast_lora(fast)
+    assert drops_out(fast)
+    quiet = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    quiet.config.attention_dropout = 0.1  # a kernel argument, found in the config only
+    assert drops_out(quiet)
+    gpt2 = AutoModelForCausalLM.from_pretrained(build_model(tokenizer_dir, models_root, "gpt2"))
+    assert drops_out(gpt2)  # GPT-2's own dropout layers
 
 
 def test_the_shared_prefix_stops_before_any_rows_first_target():

@@ -222,8 +222,8 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
     for i, row in enumerate(rows):  # rows of different lengths, so padding would matter
         row["phrase"] = " ".join([row["phrase"]] * (1 + i % 4))
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
-    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]", share_prefix=True)
-    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]")
+    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]")  # shared: no dropout
+    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]", share_prefix=False)
     padded = run(tiny_llama, data, tmp_path / "padded", max_steps=6, eval_split="train[:8]", packing=False)
     assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
     assert losses(unshared) == pytest.approx(losses(padded), rel=1e-4)
@@ -235,6 +235,14 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
     # packed row's closing token (its own target, which no position after it in the row predicts from)
     tokens = [m["results"]["train_tokens"] for m in manifests]
     assert tokens[2] - tokens[1] == 6 * FAST["per_device_train_batch_size"] and tokens[1] > tokens[0] > 0
+
+
+def test_prefix_is_shared_by_default_only_under_no_dropout(tiny_llama, sentiment_file, tmp_path):
+    runs = {p: run(tiny_llama, sentiment_file, tmp_path / str(p), max_steps=1, lora_dropout=p) for p in (0.0, 0.05)}
+    resolved = {p: json.loads((out / "manifest.json").read_text())["resolved"]["share_prefix"] for p, out in runs.items()}
+    assert resolved == {0.0: True, 0.05: False}
+    asked = run(tiny_llama, sentiment_file, tmp_path / "asked", max_steps=1, lora_dropout=0.05, share_prefix=True)
+    assert json.loads((asked / "manifest.json").read_text())["resolved"]["share_prefix"] is True
 
 
 def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentiment_file, tmp_path, monkeypatch,

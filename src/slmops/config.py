@@ -92,7 +92,7 @@ USER_LOSS = re.compile(r".+\.py:[A-Za-z_]\w*")
 class FinetuneConfig(DataConfig):
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     packing: bool = True
-    share_prefix: bool = False
+    share_prefix: bool | None = None  # None: wherever it is exact (nothing in the model drops out)
     text_pair_field: str | None = None  # sentence-pair rows: --text_field and this column, plus a 0/1 label
     pair_label_field: str = "label"
     # method

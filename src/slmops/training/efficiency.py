@@ -26,6 +26,7 @@ from torch import nn
 
 from slmops.data.collate import Collator
 from slmops.data.formatting import IGNORE
+from slmops.training.fast_lora import FastDropout
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,17 @@ def use_segmented_attention(model: nn.Module) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTED, sdpa_mask)
     model.set_attn_implementation(SEGMENTED)
     return True
+
+
+def drops_out(model: nn.Module) -> bool:
+    """Whether training draws any dropout mask: a dropout layer, the adapters' included, or a dropout
+    rate in the model's config (attention dropout is a kernel argument, not a layer)."""
+    if any(isinstance(m, (nn.Dropout, FastDropout)) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = config.to_dict().items() if config is not None else ()
+    return any(("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0
+               for key, value in rates)
 
 
 def attends_row_by_row(model: nn.Module) -> bool:

@@ -31,8 +31,9 @@ from slmops.models.loading import is_encoder, linear_module_names, load_model, l
 from slmops.outputs import publish, refuse_existing
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources
-from slmops.training.efficiency import (attends_row_by_row, causal_lm_loss, keep_freed_memory, mlp_at_kept_positions,
-                                        supports_packing, takes_logits_to_keep, use_segmented_attention)
+from slmops.training.efficiency import (attends_row_by_row, causal_lm_loss, drops_out, keep_freed_memory,
+                                        mlp_at_kept_positions, supports_packing, takes_logits_to_keep,
+                                        use_segmented_attention)
 from slmops.training.fast_lora import use_fast_lora
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.metrics import compute_metrics, response_correct
@@ -83,8 +84,10 @@ def run(cfg: FinetuneConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     if packing:
         args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
     kept_logits = packing and reads_kept_logits(loss)  # users' losses see plain packed rows
-    # Row-by-row attention is what lets rows continue from one prefix.
-    shared = kept_logits and cfg.share_prefix and attends_row_by_row(model)
+    # Row-by-row attention is what lets rows continue from one prefix. By default only where sharing is
+    # exact: a dropout mask drawn for the prefix would be shared by every row of the batch.
+    share = cfg.share_prefix if cfg.share_prefix is not None else not drops_out(model)
+    shared = kept_logits and share and attends_row_by_row(model)
     if pairs:
         collator = PairCollator(tokenizer.pad_token_id, skip_logits=takes_logits_to_keep(model))
     else:
