@@ -157,7 +157,7 @@ def run_olive(a, out: Path, seed: int):
 
 
 RUNNERS = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive,
-           # slmops computing the batch's shared prefix once (--share_prefix, off by default)
+           # slmops computing the batch's shared prefix once (by default only without dropout; the recipe has it)
            "slmops-shared": lambda a, out, seed: run_slmops(a, out, seed, ("--share_prefix", "true"))}
 
 
@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--systems", default="plain,slmops,olive", help=f"some of {', '.join(RUNNERS)}")
     ap.add_argument("--olive-python", dest="olive_python", help="python of a virtualenv with olive-ai[finetune]")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=42, help="seed of the first repeat; repeat k uses seed + k (default 42)")
+    ap.add_argument("--seed", type=int, default=42, help="the first repeat's seed; repeat k uses seed + k (default 42)")
     ap.add_argument("--out", default="runs/speed")
     ap.add_argument("--scale", action="store_true", help="also time steps at 128/512/2048 tokens, 135M and 360M")
     a = ap.parse_args()
@@ -298,7 +298,8 @@ def main() -> None:
             text, wall, rss = run_tree(cmd, cwd, out / f"{system}-{rep}.log")
             runtime, adapter = parse(text)
             tok, model = scorer.load(a.model, str(adapter))
-            results.append({"system": system, "repeat": rep, "seed": a.seed + rep, "train_s": round(runtime, 1), "wall_s": round(wall, 1),
+            results.append({"system": system, "repeat": rep, "seed": a.seed + rep, "train_s": round(runtime, 1),
+                            "wall_s": round(wall, 1),
                             "tokens_per_s": sum(tokens) / runtime, "peak_rss_gb": rss / 1024,
                             "val_loss": scorer.answer_loss(tok, model, val_rows),
                             "dev_acc": scorer.accuracy(tok, model, dev_rows),

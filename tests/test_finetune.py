@@ -239,8 +239,8 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
 
 def test_prefix_is_shared_by_default_only_under_no_dropout(tiny_llama, sentiment_file, tmp_path):
     runs = {p: run(tiny_llama, sentiment_file, tmp_path / str(p), max_steps=1, lora_dropout=p) for p in (0.0, 0.05)}
-    resolved = {p: json.loads((out / "manifest.json").read_text())["resolved"]["share_prefix"] for p, out in runs.items()}
-    assert resolved == {0.0: True, 0.05: False}
+    resolved = {p: json.loads((out / "manifest.json").read_text())["resolved"] for p, out in runs.items()}
+    assert {p: r["share_prefix"] for p, r in resolved.items()} == {0.0: True, 0.05: False}
     asked = run(tiny_llama, sentiment_file, tmp_path / "asked", max_steps=1, lora_dropout=0.05, share_prefix=True)
     assert json.loads((asked / "manifest.json").read_text())["resolved"]["share_prefix"] is True
 
