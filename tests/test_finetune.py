@@ -238,11 +238,12 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
 
 
 def test_prefix_is_shared_by_default_only_under_no_dropout(tiny_llama, sentiment_file, tmp_path):
-    runs = {p: run(tiny_llama, sentiment_file, tmp_path / str(p), max_steps=1, lora_dropout=p) for p in (0.0, 0.05)}
-    resolved = {p: json.loads((out / "manifest.json").read_text())["resolved"] for p, out in runs.items()}
-    assert {p: r["share_prefix"] for p, r in resolved.items()} == {0.0: True, 0.05: False}
-    asked = run(tiny_llama, sentiment_file, tmp_path / "asked", max_steps=1, lora_dropout=0.05, share_prefix=True)
-    assert json.loads((asked / "manifest.json").read_text())["resolved"]["share_prefix"] is True
+    cases = {"exact": dict(lora_dropout=0.0), "dropout": dict(lora_dropout=0.05),
+             "asked": dict(lora_dropout=0.05, share_prefix=True)}
+    outs = {name: run(tiny_llama, sentiment_file, tmp_path / name, max_steps=1, **kw) for name, kw in cases.items()}
+    shared = {name: json.loads((out / "manifest.json").read_text())["resolved"]["share_prefix"]
+              for name, out in outs.items()}
+    assert shared == {"exact": True, "dropout": False, "asked": True}
 
 
 def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentiment_file, tmp_path, monkeypatch,
