@@ -150,6 +150,22 @@ def test_training_args_pass_through_and_unknown_rejected(tiny_llama, sentiment_f
         run(tiny_llama, sentiment_file, tmp_path / "x", not_a_flag=1)
 
 
+def test_torch_compile_on_cpu_warns_that_packed_batches_recompile(tmp_path, caplog):
+    from slmops.config import FinetuneConfig
+    from slmops.training.args import build_training_args
+
+    def warned(**training_args) -> bool:
+        cfg = FinetuneConfig.build(model_name_or_path="m", data_name="d", text_template=TEMPLATE,
+                                   output_path=str(tmp_path / "o"), training_args={"use_cpu": True, **training_args})
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            build_training_args(cfg, tmp_path / "c", torch.float32)
+        return "--torch_compile on CPU" in caplog.text
+
+    assert warned(torch_compile=True)
+    assert not warned() and not warned(torch_compile=False)
+
+
 def test_early_stopping_and_eval_steps(tiny_llama, sentiment_file, tmp_path):
     out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=40, learning_rate=0.5, eval_steps=2,
               early_stopping_patience=1)
