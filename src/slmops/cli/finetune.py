@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
     data.add_argument("--share_prefix", type=str2bool, nargs="?", const=True, default=None,
                       help="with packing on CPU: compute once per batch the leading tokens every row shares and "
                            "learns nothing from (template opening, system prompt); same logits and loss. Default: "
-                           "on where that is exact, i.e. with --lora_dropout 0 (with dropout, true draws one "
-                           "mask for the shared tokens of a batch instead of one per row)")
+                           "on where that is exact: nothing drops out (--lora_dropout 0, no dropout in the model). With "
+                           "dropout, true draws one mask for the shared tokens of a batch instead of one per row")
     data.add_argument("--text_pair_field", help="sentence pairs: the second text column (the first is "
                                                 "--text_field), for --loss contrastive or your own pair loss")
     data.add_argument("--pair_label_field",
