@@ -1,8 +1,10 @@
 """LoRA fine-tuning speed on this machine: slmops, the plain Trainer + peft recipe and Olive, side by side.
 
 Every system trains SmolLM2-135M-Instruct on the same SST-2 rows with the same recipe (LoRA r16/alpha
-32/dropout 0.05 on all linear layers, loss on the answer only, batch 16, lr 2e-4 cosine, one epoch, fp32
-on a CPU without native bf16), each in its own process, in alternating order over `--repeats`; repeat k
+32/dropout 0.05 on all linear layers, loss on the answer only, batch 16, lr 2e-4 cosine, one epoch), each
+in the same precision (`--precision`; by default bf16 where the CPU has native bf16 matmuls, as the issue's
+recipe and Olive's default, else fp32: plain runs bf16 autocast, Olive its bf16 base, slmops its default
+bf16 base under autocast), each in its own process, in alternating order over `--repeats`; repeat k
 seeds every system with `--seed` + k, so that the repeats show how far loss and accuracy move with the
 seed (the adapter's initialisation, data order and dropout), the yardstick for "equal". One
 scorer (benchmarks/sst2_accuracy.py, plain transformers + peft) then measures every adapter: validation
@@ -13,9 +15,9 @@ loss on the rows after the training rows and accuracy on dev.jsonl.
 Columns: train time (each system's own trainer clock), non-padding tokens/s (the rows' real tokens over
 that time: the same numerator for everyone), peak RSS of the process tree, validation loss, dev accuracy,
 and MFU: the FLOPs the loss needs (4 x frozen linear weights + 6 x LoRA weights per token, attention at
-each token's context, the vocabulary head only at supervised positions) over time and over the fp32
-matmul peak measured here at start. `--scale` adds slmops's step time at 128/512/2048 tokens per row
-and for a 135M and a 360M Llama-shaped model.
+each token's context, the vocabulary head only at supervised positions) over time and over the matmul
+peak of the run's precision measured here at start. `--scale` adds slmops's step time at 128/512/2048
+tokens per row and for a 135M and a 360M Llama-shaped model.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def run_slmops(a, out: Path, seed: int, extra: tuple[str, ...] = ()):
            "--lora_alpha", str(RECIPE["alpha"]), "--lora_dropout", str(RECIPE["dropout"]),
            "--per_device_train_batch_size", str(RECIPE["batch"]), "--learning_rate", str(RECIPE["lr"]),
            "--lr_scheduler_type", "cosine", "--num_train_epochs", "1", "--seed", str(seed), "--output_path", str(out),
-           "--overwrite", *extra]
+           "--torch_dtype", a.precision, "--overwrite", *extra]
 
     def result(text: str):  # the trainer's clock less the evaluations slmops runs inside it (the others run none)
         r = json.loads((out / "manifest.json").read_text())["results"]
@@ -93,7 +95,8 @@ def run_slmops(a, out: Path, seed: int, extra: tuple[str, ...] = ()):
 
 def run_plain(a, out: Path, seed: int):
     cmd = [sys.executable, str(HERE / "plain_recipe.py"), "--model", a.model, "--data", a.data,
-           "--rows", str(a.rows), "--seed", str(seed), "--out", str(out)]
+           "--rows", str(a.rows), "--seed", str(seed), "--out", str(out),
+           *(["--bf16"] if a.precision == "bfloat16" else [])]
     return cmd, lambda text: (json.loads(text.strip().splitlines()[-1])["train_runtime_s"], out / "adapter"), Path.cwd()
 
 
@@ -137,7 +140,7 @@ def run_olive(a, out: Path, seed: int):
                                         "answer_template": scorer.ANSWER, "max_samples": a.rows},
             "dataloader_config": {"batch_size": 1}}],
         "passes": {"lora": {
-            "type": "LoRA", "train_data_config": "train", "torch_dtype": "float32", "r": RECIPE["r"],
+            "type": "LoRA", "train_data_config": "train", "torch_dtype": a.precision, "r": RECIPE["r"],
             "alpha": RECIPE["alpha"], "lora_dropout": RECIPE["dropout"],
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
             "training_args": {"per_device_train_batch_size": RECIPE["batch"], "learning_rate": RECIPE["lr"],
@@ -185,9 +188,10 @@ def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[fl
     return tokens, flops
 
 
-def scale_section(model_path: str, peak: float) -> list[dict]:
+def scale_section(model_path: str, precision: str) -> list[dict]:
     """slmops's training step (packing, head at supervised positions, fast LoRA layers) at 2,048 tokens a
-    step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a 360M Llama-shaped config (random weights)."""
+    step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a 360M Llama-shaped config (random weights),
+    with the base held in `precision` under autocast, as `slmops finetune` holds it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -199,10 +203,11 @@ def scale_section(model_path: str, peak: float) -> list[dict]:
     big = AutoConfig.from_pretrained(model_path)
     big.update(dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                     num_key_value_heads=5, head_dim=64))
+    dtype = getattr(torch, precision)
     table = []
     for name, cfg in (("135M", small), ("360M", big)):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.config.use_cache = False
         use_segmented_attention(model)
         params = sum(p.numel() for p in model.parameters())
@@ -218,13 +223,16 @@ def scale_section(model_path: str, peak: float) -> list[dict]:
                 batch = Collator(0, pack=True)(rows)
                 labels = batch.pop("labels")
                 t = time.perf_counter()
-                causal_lm_loss(model(**batch), labels).backward()
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = causal_lm_loss(model(**batch), labels)
+                loss.backward()
                 opt.step()
                 opt.zero_grad()
                 times.append(time.perf_counter() - t)
             step = min(times[1:])
             table.append({"model": f"{name} ({params / 1e6:.0f}M)", "rows x tokens": f"{len(rows)} x {length}",
-                          "s/step": round(step, 2), "tokens/s": round(2048 / step, 1)})
+                          "precision": precision, "s/step": round(step, 2),
+                          "tokens/s": round(2048 / step, 1)})
             print(table[-1], flush=True)
     return table
 
@@ -246,7 +254,7 @@ def measured(r: dict, ref: dict) -> dict:
             "peak RSS": f"{r['peak_rss_gb']:.2f} GB",
             "RSS vs slmops": f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x",
             "val loss": f"{r['val_loss']:.4f}", "dev acc": f"{100 * r['dev_acc']:.2f}%",
-            "MFU (fp32 peak)": f"{100 * r['mfu']:.0f}%"}
+            "MFU": f"{100 * r['mfu']:.0f}%"}
 
 
 def medians(results: list[dict]) -> list[dict]:
@@ -273,17 +281,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=42, help="the first repeat's seed; repeat k uses seed + k (default 42)")
     ap.add_argument("--out", default="runs/speed")
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="every system's precision (default: bfloat16 on a CPU with native bf16, else float32)")
     ap.add_argument("--scale", action="store_true", help="also time steps at 128/512/2048 tokens, 135M and 360M")
     a = ap.parse_args()
     if a.model is None:
         from slmops.models.loading import resolve
         a.model = resolve("smollm2-135m-instruct")
+    if a.precision == "auto":
+        from slmops.training.args import cpu_supports_bf16
+        a.precision = "bfloat16" if cpu_supports_bf16() or torch.cuda.is_available() else "float32"
     systems = [s for s in a.systems.split(",") if s != "olive" or a.olive_python]
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16, 512, 2.0)}
-    print(f"matmul peak here: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s", flush=True)
+    print(f"matmul peak here: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s; "
+          f"every system runs {a.precision}", flush=True)
     train_rows = scorer.read_rows(a.data, 0, a.rows)
     tokens, flops = flops_per_row(a.model, train_rows)
     val_rows = scorer.read_rows(a.data, a.rows, a.rows + a.val_rows)
@@ -303,7 +317,7 @@ def main() -> None:
                             "tokens_per_s": sum(tokens) / runtime, "peak_rss_gb": rss / 1024,
                             "val_loss": scorer.answer_loss(tok, model, val_rows),
                             "dev_acc": scorer.accuracy(tok, model, dev_rows),
-                            "mfu": sum(flops) / runtime / 1e9 / peaks["float32"]})
+                            "mfu": sum(flops) / runtime / 1e9 / peaks[a.precision]})
             print(results[-1], flush=True)
 
     ours = {r["repeat"]: r for r in results if r["system"] == "slmops"}
@@ -313,14 +327,16 @@ def main() -> None:
         table.append({"system": r["system"], "repeat": r["repeat"] + 1, "seed": r["seed"],
                       "train time": f"{r['train_s']:.0f} s", "wall": f"{r['wall_s']:.0f} s", **measured(r, ref)})
     print(f"\n{a.rows} rows, {sum(tokens)} real tokens, {sum(flops) / 1e12:.1f} TFLOP of loss-relevant work; "
-          f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s\n")
+          f"fp32 matmul peak {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s; "
+          f"{a.precision}, MFU against its peak\n")
     print(markdown(table))
     if a.repeats > 1 and ours:
         print("\nMedians over the repeats (the machine's drift moves single runs by up to ~10%):\n")
         print(markdown(medians(results)))
-    report = {"peaks_gflops": peaks, "rows": a.rows, "tokens": sum(tokens), "results": results}
+    report = {"peaks_gflops": peaks, "precision": a.precision, "rows": a.rows, "tokens": sum(tokens),
+              "results": results}
     if a.scale:
-        report["scale"] = scale_section(a.model, peaks["float32"])
+        report["scale"] = scale_section(a.model, a.precision)
         print("\n" + markdown(report["scale"]))
     (out / "results.json").write_text(json.dumps(report, indent=1))
 

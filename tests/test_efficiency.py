@@ -187,6 +187,23 @@ def test_row_by_row_attention_is_transformers_sdpa_on_each_row(monkeypatch):
     assert not torch.allclose(bidirectional, per_row(scaling=0.3))
 
 
+def test_short_bf16_rows_attend_in_fp32_even_under_autocast():
+    """On a CPU, short rows are faster in fp32 than in bf16 (and no less exact): autocast must not cast
+    them back to bf16, and the output keeps the caller's dtype."""
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 7, 8).bfloat16() for h in (4, 2, 2))
+    bounds, rows = torch.tensor([0, 3, 7]), [(0, 3), (3, 7)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = segmented_sdpa(module, q, k, v, None, row_bounds=bounds, scaling=0.3, dropout=0.0)
+    in_fp32 = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(),
+                                                        v[:, :, a:b].float(), is_causal=True, scale=0.3,
+                                                        enable_gqa=True) for a, b in rows], dim=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, in_fp32.transpose(1, 2).bfloat16(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("share", [False, True], ids=["rows", "rows-after-a-shared-prefix"])
 def test_row_by_row_attention_respects_a_sliding_window(share, tokenizer_dir, models_root, monkeypatch):
     """A row longer than the window must see only the window, as transformers' masks do."""
