@@ -238,9 +238,11 @@ def test_packing_changes_speed_not_learning(tiny_llama, tmp_path):
     for i, row in enumerate(rows):  # rows of different lengths, so padding would matter
         row["phrase"] = " ".join([row["phrase"]] * (1 + i % 4))
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
-    packed = run(tiny_llama, data, tmp_path / "packed", max_steps=6, eval_split="train[:8]")  # shared: no dropout
-    unshared = run(tiny_llama, data, tmp_path / "unshared", max_steps=6, eval_split="train[:8]", share_prefix=False)
-    padded = run(tiny_llama, data, tmp_path / "padded", max_steps=6, eval_split="train[:8]", packing=False)
+    # fp32 on every machine: in bf16, packed short rows attend in fp32 and padded ones in bf16
+    same = dict(max_steps=6, eval_split="train[:8]", torch_dtype="float32")
+    packed = run(tiny_llama, data, tmp_path / "packed", **same)  # shared: no dropout
+    unshared = run(tiny_llama, data, tmp_path / "unshared", share_prefix=False, **same)
+    padded = run(tiny_llama, data, tmp_path / "padded", packing=False, **same)
     assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
     assert losses(unshared) == pytest.approx(losses(padded), rel=1e-4)
     manifests = [json.loads((out / "manifest.json").read_text()) for out in (packed, unshared, padded)]

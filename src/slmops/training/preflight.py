@@ -85,7 +85,7 @@ def preflight(trainer: Any, amp: torch.dtype) -> dict[str, Any]:
     peak = before + grown * max(worst / tokens, 1.0) + 2 * trainable
     epoch_seconds = seconds * sum(lengths) / max(args.world_size, 1) / tokens
     estimate = {"calibration_rows": len(rows), "calibration_tokens": tokens, "longest_batch_tokens": worst,
-                "calibration_seconds": round(seconds, 3), "est_epoch_seconds": round(epoch_seconds, 1),
+                "calibration_seconds": round(seconds, 3), "est_epoch_seconds": round(epoch_seconds, 3),
                 "est_peak_memory_mb": round(peak / 2**20), "memory_capacity_mb": round(capacity / 2**20),
                 "device": args.device.type}
     where = "GPU" if gpu else "RAM"
