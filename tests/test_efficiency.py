@@ -149,6 +149,23 @@ def test_probe_refuses_a_model_whose_attention_crosses_rows(tiny_llama, monkeypa
     assert not supports_packing(model)
 
 
+def test_a_bf16_row_gets_the_same_logits_packed_or_alone(tiny_llama):
+    """Short bf16 rows attend in fp32 whether packed or not, so packing changes no bit of a row's logits
+    (a bf16 row that attended in bf16 alone and in fp32 packed moved SmolLM2's logits by 0.2 std, enough
+    for the packing probe to refuse the model)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
+    model.config.use_cache = False
+    assert use_segmented_attention(model) and supports_packing(model)
+    rows = [[5, 9, 2, 7, 3, 8, 4], [6, 1, 9, 2, 5]]
+    batch = Collator(0, pack=True, keep_logits=False)([{"input_ids": r, "labels": r} for r in rows])
+    batch.pop("labels")
+    batch["logits_to_keep"] = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[0] for r in rows])
+        packed = model(**batch).logits
+    assert torch.equal(packed, alone)
+
+
 def spy_attention_lengths(monkeypatch) -> list[int]:
     """Record the query length of every call to PyTorch's SDPA."""
     lengths, original = [], F.scaled_dot_product_attention

@@ -72,16 +72,36 @@ def segmented_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     Rows call PyTorch's SDPA directly, as transformers' wrapper would (scale, dropout, grouped
     heads), and their outputs are joined before the one transpose back to (batch, length, heads,
     dim): the wrapper's per-call transposes and copies were a fifth of attention's time. Arguments
-    only the wrapper applies (`_WRAPPER_ONLY`) send each row through the wrapper instead. Short rows in
-    bf16 or fp16 on a CPU attend in fp32 (`UPCAST_ROWS`): faster there, and no less exact."""
+    only the wrapper applies (`_WRAPPER_ONLY`) send each row through the wrapper instead.
+
+    Short rows in bf16 or fp16 on a CPU attend in fp32 (`UPCAST_ROWS`), packed or not: faster there,
+    no less exact, and the same arithmetic for a row whether it comes packed or alone."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if row_bounds is None or query.shape[0] != 1 or query.shape[2] != int(row_bounds[-1]):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    packed = row_bounds is not None and query.shape[0] == 1 and query.shape[2] == int(row_bounds[-1])
+    prefix = int(shared_prefix) if packed and shared_prefix is not None else 0
+    sizes = row_bounds.diff().tolist() if packed else []
+    dtype = query.dtype
+    longest = prefix + max(sizes) if packed else key.shape[2]
+    upcast = dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu" and longest <= UPCAST_ROWS
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():  # autocast would cast back
+        if not packed:
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+        else:
+            out = torch.cat(_attend_rows(module, query, key, value, sizes, prefix, kwargs), dim=2).transpose(1, 2)
+    return out.to(dtype).contiguous(), None
+
+
+def _attend_rows(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 sizes: list[int], prefix: int, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Each row's attention output, (1, heads, row length, dim); see `segmented_sdpa`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     window = kwargs.get("sliding_window")
-    prefix = int(shared_prefix) if shared_prefix is not None else 0
-    bounds = row_bounds.tolist()
-    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if any(kwargs.get(name) is not None for name in _WRAPPER_ONLY) or not getattr(module, "is_causal", True):
         def attend(q, k, v, mask):
             return sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0].transpose(1, 2)
@@ -91,19 +111,6 @@ def segmented_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
 
         def attend(q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **options)
-    dtype = query.dtype
-    upcast = (dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu"
-              and prefix + max(sizes) <= UPCAST_ROWS)
-    if upcast:
-        query, key, value = query.float(), key.float(), value.float()
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():  # autocast would cast back
-        outputs = _attend_rows(attend, query, key, value, sizes, prefix, window)
-    return torch.cat(outputs, dim=2).transpose(1, 2).to(dtype).contiguous(), None
-
-
-def _attend_rows(attend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sizes: list[int],
-                 prefix: int, window: int | None) -> list[torch.Tensor]:
-    """Each row's attention output, (1, heads, row length, dim); see `segmented_sdpa`."""
     # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled
     # tensor the size of the whole batch
     queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
