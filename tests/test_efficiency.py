@@ -204,13 +204,14 @@ def test_row_by_row_attention_is_transformers_sdpa_on_each_row(monkeypatch):
     assert not torch.allclose(bidirectional, per_row(scaling=0.3))
 
 
-def test_short_bf16_rows_attend_in_fp32_even_under_autocast():
+@pytest.mark.parametrize("inputs", [torch.bfloat16, torch.float32])
+def test_short_rows_attend_in_fp32_under_bf16_autocast(inputs):
     """On a CPU, short rows are faster in fp32 than in bf16 (and no less exact): autocast must not cast
-    them back to bf16, and the output keeps the caller's dtype."""
+    them back to bf16 (nor cast fp32 inputs down), and the output is in autocast's dtype, as SDPA's."""
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, h, 7, 8).bfloat16() for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, 7, 8).bfloat16().to(inputs) for h in (4, 2, 2))
     bounds, rows = torch.tensor([0, 3, 7]), [(0, 3), (3, 7)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = segmented_sdpa(module, q, k, v, None, row_bounds=bounds, scaling=0.3, dropout=0.0)

@@ -81,7 +81,9 @@ def segmented_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     packed = row_bounds is not None and query.shape[0] == 1 and query.shape[2] == int(row_bounds[-1])
     prefix = int(shared_prefix) if packed and shared_prefix is not None else 0
     sizes = row_bounds.diff().tolist() if packed else []
-    dtype = query.dtype
+    # the dtype PyTorch's SDPA would compute and return in: autocast's, else the inputs'
+    autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     longest = prefix + max(sizes) if packed else key.shape[2]
     upcast = dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu" and longest <= UPCAST_ROWS
     if upcast:
