@@ -57,7 +57,7 @@ SEGMENTED = "slmops_segmented_sdpa"
 _WRAPPER_ONLY = ("is_causal", "position_bias", "softcap")
 # Rows up to this long attend in fp32 on a CPU: PyTorch's bf16 flash-attention backward is the slower
 # one there for short rows (SST-2's 23-token rows: 8.0 ms a layer in bf16, 3.2 in fp32 with the casts;
-# even at 256 tokens; bf16 wins from ~384 on, 2048-token rows 106 against 147 ms).
+# about even at 192-256 tokens; bf16 is faster from ~384 on: 2048-token rows 106 against 147 ms).
 UPCAST_ROWS = 256
 
 
@@ -81,11 +81,11 @@ def segmented_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     packed = row_bounds is not None and query.shape[0] == 1 and query.shape[2] == int(row_bounds[-1])
     prefix = int(shared_prefix) if packed and shared_prefix is not None else 0
     sizes = row_bounds.diff().tolist() if packed else []
+    cpu = query.device.type == "cpu"
     # the dtype PyTorch's SDPA would compute and return in: autocast's, else the inputs'
-    autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
+    dtype = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else query.dtype
     longest = prefix + max(sizes) if packed else key.shape[2]
-    upcast = dtype in (torch.bfloat16, torch.float16) and query.device.type == "cpu" and longest <= UPCAST_ROWS
+    upcast = cpu and dtype in (torch.bfloat16, torch.float16) and longest <= UPCAST_ROWS
     if upcast:
         query, key, value = query.float(), key.float(), value.float()
         if attention_mask is not None and attention_mask.is_floating_point():
