@@ -10,14 +10,15 @@ seed (the adapter's initialisation, data order and dropout), the yardstick for "
 scorer (benchmarks/sst2_accuracy.py, plain transformers + peft) then measures every adapter: validation
 loss on the rows after the training rows and accuracy on dev.jsonl.
 
-    python benchmarks/finetune_speed.py --olive-python /work/olive-venv/bin/python [--scale]
+    python benchmarks/finetune_speed.py --olive-python /work/olive-venv/bin/python [--scale] [--profile]
 
 Columns: train time (each system's own trainer clock), non-padding tokens/s (the rows' real tokens over
 that time: the same numerator for everyone), peak RSS of the process tree, validation loss, dev accuracy,
 and MFU: the FLOPs the loss needs (4 x frozen linear weights + 6 x LoRA weights per token, attention at
 each token's context, the vocabulary head only at supervised positions) over time and over the matmul
-peak of the run's precision measured here at start. `--scale` adds slmops's step time at 128/512/2048
-tokens per row and for a 135M and a 360M Llama-shaped model.
+peak of the run's precision measured here at start. `--scale` and `--profile` add slmops's step alone
+(benchmarks/step_timing.py, which runs them by themselves): its time at 128/512/2048 tokens a row for
+a 135M and a 360M model, and where it goes.
 """
 
 from __future__ import annotations
@@ -34,25 +35,14 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sst2_accuracy as scorer  # noqa: E402
+from step_timing import RECIPE, flops_per_row, markdown, profile_section, scale_section  # noqa: E402
+from step_timing import peaks as measure_peaks, resolve_model_and_precision  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = scorer.PROMPT + scorer.ANSWER
-RECIPE = dict(r=16, alpha=32, dropout=0.05, batch=16, lr=2e-4)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Best GFLOP/s of an n^3 matmul over a few seconds (the best, as noise only slows it)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def run_tree(cmd: list[str], cwd: Path, log: Path) -> tuple[str, float, float]:
@@ -164,86 +154,6 @@ RUNNERS = {"slmops": run_slmops, "plain": run_plain, "olive": run_olive,
            "slmops-shared": lambda a, out, seed: run_slmops(a, out, seed, ("--share_prefix", "true"))}
 
 
-def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[float]]:
-    """Real tokens and loss-relevant training FLOPs of each row (see the module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    cfg = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
-    frozen = sum(m.weight.numel() for m in linears)
-    lora = sum(RECIPE["r"] * (m.in_features + m.out_features) for m in linears)
-    head = cfg.vocab_size * cfg.hidden_size
-    attn = cfg.num_hidden_layers * cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size //
-                                                                      cfg.num_attention_heads)
-    tokens, flops = [], []
-    for r in rows:
-        n_prompt = len(tok(scorer.PROMPT.format(**r), add_special_tokens=False)["input_ids"])
-        n = n_prompt + len(tok(scorer.ANSWER.format(**r), add_special_tokens=False)["input_ids"])
-        context = n * (n + 1) / 2  # sum over tokens of the positions each attends to
-        tokens.append(n)
-        flops.append(n * (4 * frozen + 6 * lora) + 3 * 4 * attn * context + 4 * head * (n - n_prompt))
-    return tokens, flops
-
-
-def scale_section(model_path: str, precision: str) -> list[dict]:
-    """slmops's training step (packing, head at supervised positions, fast LoRA layers) at 2,048 tokens a
-    step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a 360M Llama-shaped config (random weights),
-    with the base held in `precision` under autocast, as `slmops finetune` holds it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from slmops.data.collate import Collator
-    from slmops.training.efficiency import causal_lm_loss, use_segmented_attention
-    from slmops.training.fast_lora import use_fast_lora
-
-    small = AutoConfig.from_pretrained(model_path)
-    big = AutoConfig.from_pretrained(model_path)
-    big.update(dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                    num_key_value_heads=5, head_dim=64))
-    dtype = getattr(torch, precision)
-    table = []
-    for name, cfg in (("135M", small), ("360M", big)):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model.config.use_cache = False
-        use_segmented_attention(model)
-        params = sum(p.numel() for p in model.parameters())
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
-        use_fast_lora(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        for length in (128, 512, 2048):
-            rows = [{"input_ids": torch.randint(0, cfg.vocab_size, (length,)).tolist()} for _ in range(2048 // length)]
-            for r in rows:
-                r["labels"] = [-100] * (length - 2) + r["input_ids"][-2:]
-            times = []
-            for _ in range(3):  # the first is warm-up
-                batch = Collator(0, pack=True)(rows)
-                labels = batch.pop("labels")
-                t = time.perf_counter()
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = causal_lm_loss(model(**batch), labels)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                times.append(time.perf_counter() - t)
-            step = min(times[1:])
-            table.append({"model": f"{name} ({params / 1e6:.0f}M)", "rows x tokens": f"{len(rows)} x {length}",
-                          "precision": precision, "s/step": round(step, 2),
-                          "tokens/s": round(2048 / step, 1)})
-            print(table[-1], flush=True)
-    return table
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 MEASURES = ("tokens_per_s", "peak_rss_gb", "val_loss", "dev_acc", "mfu")
 
 
@@ -284,18 +194,15 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="every system's precision (default: bfloat16 on a CPU with native bf16, else float32)")
     ap.add_argument("--scale", action="store_true", help="also time steps at 128/512/2048 tokens, 135M and 360M")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile slmops's step: 16 and 64 rows, fixed and per-token parts, operators by kind")
     a = ap.parse_args()
-    if a.model is None:
-        from slmops.models.loading import resolve
-        a.model = resolve("smollm2-135m-instruct")
-    if a.precision == "auto":
-        from slmops.training.args import cpu_supports_bf16
-        a.precision = "bfloat16" if cpu_supports_bf16() or torch.cuda.is_available() else "float32"
+    a.model, a.precision = resolve_model_and_precision(a.model, a.precision)
     systems = [s for s in a.systems.split(",") if s != "olive" or a.olive_python]
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16, 512, 2.0)}
+    peaks = measure_peaks()
     print(f"matmul peak here: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s; "
           f"every system runs {a.precision}", flush=True)
     train_rows = scorer.read_rows(a.data, 0, a.rows)
@@ -338,6 +245,10 @@ def main() -> None:
     if a.scale:
         report["scale"] = scale_section(a.model, a.precision)
         print("\n" + markdown(report["scale"]))
+    if a.profile:
+        report["profile"] = profile_section(a.model, a.precision, peaks[a.precision], a.data)
+        for title, rows in report["profile"].items():
+            print(f"\n{title}:\n{markdown(rows)}")
     (out / "results.json").write_text(json.dumps(report, indent=1))
 
 
