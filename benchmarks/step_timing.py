@@ -5,12 +5,12 @@ layers, the vocabulary head and the last MLP only at supervised positions), with
 recipe (LoRA r16/alpha 32/dropout 0.05 on all linear layers, AdamW), the base in `--precision` under
 autocast.
 
-- `--profile`: real SST-2 batches of 16 rows (the recipe's) and of 64. Step time, real tokens and MFU at
-  each; the line through the two splits a step into a fixed part (what does not grow with the tokens:
-  operator calls on short rows, per-row attention calls, the optimizer) and a part per token, and the
-  marginal MFU is the utilisation of that per-token part: what a step would reach if its fixed part
-  cost nothing. Then the operator self time of 16-row steps by kind (torch profiler; its shape
-  recording slows the step by ~10%, so read the shares, not the milliseconds).
+- `--profile`: real SST-2 batches of 16 rows (the recipe's) and of 64, in turn (10 of each after 2 of
+  warm-up; medians). Step time, real tokens and MFU at each; the line through the two splits a step into
+  a fixed part (what does not grow with the tokens: operator calls on short rows, the optimizer) and a
+  part per token, and the marginal MFU is the utilisation of that per-token part: what a step would
+  reach if its fixed part cost nothing. Then the operator self time of 16-row steps by kind (torch
+  profiler; its shape recording slows the step by ~10%, so read the shares, not the milliseconds).
 - `--scale`: step time at 2,048 tokens a step as 16x128, 4x512 and 1x2048, for SmolLM2-135M and a
   360M Llama-shaped config (random weights).
 
@@ -182,6 +182,7 @@ def op_kind(name: str, shapes: list, vocab: int) -> str:
 
 def profile_section(model_path: str, precision: str, peak: float, data: str) -> dict:
     """See the module docstring: steps of 16 and 64 real rows, the line through them, operators by kind."""
+    from torch.profiler import profile
     from transformers import AutoTokenizer
 
     from slmops.data.collate import Collator
@@ -190,7 +191,7 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
 
     dtype = getattr(torch, precision)
     tok = AutoTokenizer.from_pretrained(model_path)
-    rows = scorer.read_rows(data, 0, 64 * 10)
+    rows = scorer.read_rows(data, 0, 64 * 12)
     examples = sst2_examples(tok, rows)
     _, flops = flops_per_row(model_path, rows)
     keep_freed_memory()
@@ -201,33 +202,31 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
     collate = Collator(tok.pad_token_id, pack=True, keep_logits=True)
 
     def batches(size: int, count: int) -> list[tuple[dict, int, float]]:
+        """`count` batches of `size` rows: collated, their real tokens and their FLOPs."""
         spans = [range(i * size, (i + 1) * size) for i in range(count)]
         return [(collate([examples[j] for j in s]), sum(len(examples[j]["input_ids"]) for j in s),
                  sum(flops[j] for j in s)) for s in spans]
 
-    table = []
-    for size in (16, 64):
-        plan = batches(size, 10)
-        for batch, _, _ in plan[:2]:  # warm-up
-            step(batch)
-        seconds = [step(batch) for batch, _, _ in plan[2:]]
-        n = statistics.mean(tokens for _, tokens, _ in plan[2:])
-        work = statistics.mean(f for _, _, f in plan[2:])
-        t = statistics.median(seconds)
-        table.append({"rows a step": size, "real tokens a step": round(n), "ms a step": round(1000 * t),
-                      "tokens/s": round(n / t), "MFU": f"{100 * work / t / 1e9 / peak:.0f}%",
-                      "_t": t, "_n": n, "_flops": work})
-        print({k: v for k, v in table[-1].items() if not k.startswith("_")}, flush=True)
-    small, large = table
-    per_token = (large["_t"] - small["_t"]) / (large["_n"] - small["_n"])
-    fixed = small["_t"] - per_token * small["_n"]
-    marginal = (large["_flops"] - small["_flops"]) / (large["_t"] - small["_t"]) / 1e9
+    # 16- and 64-row steps taken in turn, so that the machine's drift moves both alike; medians
+    plans = {size: batches(size, 12) for size in (16, 64)}
+    runs: dict[int, list[tuple[float, int, float]]] = {16: [], 64: []}
+    for i in range(12):
+        for size, plan in plans.items():
+            batch, tokens, work = plan[i]
+            seconds = step(batch)
+            if i >= 2:  # two of warm-up
+                runs[size].append((seconds, tokens, work))
+    measured = {size: tuple(statistics.median(r[k] for r in rs) for k in range(3)) for size, rs in runs.items()}
+    table = [{"rows a step": size, "real tokens a step": round(n), "ms a step": round(1000 * t),
+              "tokens/s": round(n / t), "MFU": f"{100 * work / t / 1e9 / peak:.0f}%"}
+             for size, (t, n, work) in measured.items()]
+    (t16, n16, f16), (t64, n64, f64) = measured[16], measured[64]
+    per_token = (t64 - t16) / (n64 - n16)
+    fixed = t16 - per_token * n16
     line = {"fixed ms a step": round(1000 * fixed), "ms a token": round(1000 * per_token, 3),
-            "fixed share at 16 rows": f"{100 * fixed / small['_t']:.0f}%",
-            "marginal MFU": f"{100 * marginal / peak:.0f}%"}
-    print(line, flush=True)
+            "fixed share at 16 rows": f"{100 * fixed / t16:.0f}%",
+            "marginal MFU": f"{100 * (f64 - f16) / (t64 - t16) / 1e9 / peak:.0f}%"}
 
-    from torch.profiler import profile
     plan = batches(16, 6)
     with profile(record_shapes=True) as prof:
         for batch, _, _ in plan:
@@ -239,10 +238,18 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
     total = sum(by_kind.values())
     kinds = [{"operators": kind, "ms a step": round(ms), "share": f"{100 * ms / total:.0f}%"}
              for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
-    for t in table:
-        for key in [k for k in t if k.startswith("_")]:
-            del t[key]
     return {"steps": table, "line": [line], "operators": kinds}
+
+
+def resolve_model_and_precision(model: str | None, precision: str) -> tuple[str, str]:
+    """The default model's folder, and "auto" made bf16 where the CPU (or a GPU) has it natively."""
+    if model is None:
+        from slmops.models.loading import resolve
+        model = resolve("smollm2-135m-instruct")
+    if precision == "auto":
+        from slmops.training.args import cpu_supports_bf16
+        precision = "bfloat16" if cpu_supports_bf16() or torch.cuda.is_available() else "float32"
+    return model, precision
 
 
 def main() -> None:
@@ -262,17 +269,6 @@ def main() -> None:
             print(f"\n{title}:\n{markdown(rows)}")
     if a.scale:
         print("\n" + markdown(scale_section(model, precision)))
-
-
-def resolve_model_and_precision(model: str | None, precision: str) -> tuple[str, str]:
-    """The default model's folder, and "auto" made bf16 where the CPU (or a GPU) has it natively."""
-    if model is None:
-        from slmops.models.loading import resolve
-        model = resolve("smollm2-135m-instruct")
-    if precision == "auto":
-        from slmops.training.args import cpu_supports_bf16
-        precision = "bfloat16" if cpu_supports_bf16() or torch.cuda.is_available() else "float32"
-    return model, precision
 
 
 if __name__ == "__main__":
