@@ -115,7 +115,7 @@ def _torch(args, system, tok):
 
 
 def _onnx(args, system):
-    from slmops.export.runtime import GenaiModel
+    from slmops.models.genai import GenaiModel
 
     folder = Path(args.work) / system.replace(" ", "-")
     model = GenaiModel(folder)

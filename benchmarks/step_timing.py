@@ -90,20 +90,21 @@ def flops_per_row(model_path: str, rows: list[dict]) -> tuple[list[int], list[fl
     return tokens, flops
 
 
-def lora_trainer(model: torch.nn.Module, dtype: torch.dtype) -> Callable[[dict], float]:
-    """A function that trains `model` on one packed batch as `slmops finetune` does on a CPU and returns
-    the step's seconds (the model gets LoRA adapters and slmops's attention and adapter layers)."""
-    from peft import LoraConfig, get_peft_model
+def lora_trainer(model: torch.nn.Module, dtype: torch.dtype, pad_token_id: int = 0) -> tuple[Callable, Callable]:
+    """A function that trains `model` on one batch as `slmops finetune` does on a CPU and returns the step's
+    seconds, and the collator that makes those batches: the product's own set-up (`attach_method`: LoRA
+    with row-by-row attention and the fused adapter layers; `speed_up`: packing, logits only where a label
+    is supervised, the last MLP likewise), with the recipe's settings."""
+    from slmops.options.finetune_options import FinetuneOptions
+    from slmops.training.model_setup import attach_method
+    from slmops.training.speed import speed_up
+    from slmops.training.speed.logits import causal_lm_loss
 
-    from slmops.training.efficiency import causal_lm_loss, mlp_at_kept_positions, use_segmented_attention
-    from slmops.training.fast_lora import use_fast_lora
-
+    opts = FinetuneOptions.build(model_name_or_path="-", text_field="text", output_path="-", lora_r=RECIPE["r"],
+                                 lora_alpha=RECIPE["alpha"], lora_dropout=RECIPE["dropout"])
     model.config.use_cache = False
-    use_segmented_attention(model)
-    model = get_peft_model(model, LoraConfig(r=RECIPE["r"], lora_alpha=RECIPE["alpha"], task_type="CAUSAL_LM",
-                                             lora_dropout=RECIPE["dropout"], target_modules="all-linear"))
-    use_fast_lora(model)
-    mlp_at_kept_positions(model)
+    model, _ = attach_method(model, opts, encoder=False, gpu=False)
+    batching = speed_up(model, opts.packing, opts.share_prefix, True, False, pad_token_id)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=RECIPE["lr"], fused=True)
 
@@ -117,15 +118,13 @@ def lora_trainer(model: torch.nn.Module, dtype: torch.dtype) -> Callable[[dict],
         opt.step()
         opt.zero_grad()
         return time.perf_counter() - t
-    return step
+    return step, batching.collator
 
 
 def scale_section(model_path: str, precision: str) -> list[dict]:
     """Step time at 2,048 tokens a step as 16x128, 4x512 and 1x2048, for SmolLM2-135M's config and a
     360M Llama-shaped one, random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from slmops.data.collate import Collator
 
     small = AutoConfig.from_pretrained(model_path)
     big = AutoConfig.from_pretrained(model_path)
@@ -137,12 +136,12 @@ def scale_section(model_path: str, precision: str) -> list[dict]:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         params = sum(p.numel() for p in model.parameters())
-        step = lora_trainer(model, dtype)
+        step, collate = lora_trainer(model, dtype)
         for length in (128, 512, 2048):
             rows = [{"input_ids": torch.randint(0, cfg.vocab_size, (length,)).tolist()} for _ in range(2048 // length)]
             for r in rows:
                 r["labels"] = [-100] * (length - 2) + r["input_ids"][-2:]
-            batch = Collator(0, pack=True)(rows)
+            batch = collate(rows)
             seconds = min([step(batch) for _ in range(3)][1:])  # the first is warm-up
             table.append({"model": f"{name} ({params / 1e6:.0f}M)", "rows x tokens": f"{len(rows)} x {length}",
                           "precision": precision, "s/step": round(seconds, 2),
@@ -185,9 +184,8 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
     from torch.profiler import profile
     from transformers import AutoTokenizer
 
-    from slmops.data.collate import Collator
     from slmops.models.loading import load_model
-    from slmops.training.efficiency import keep_freed_memory
+    from slmops.training.speed.memory import keep_freed_memory
 
     dtype = getattr(torch, precision)
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -198,8 +196,7 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
     torch.manual_seed(0)
     model = load_model(model_path, dtype, False)
     vocab = model.config.vocab_size
-    step = lora_trainer(model, dtype)
-    collate = Collator(tok.pad_token_id, pack=True, keep_logits=True)
+    step, collate = lora_trainer(model, dtype, tok.pad_token_id)
 
     def batches(size: int, count: int) -> list[tuple[dict, int, float]]:
         """`count` batches of `size` rows: collated, their real tokens and their FLOPs."""

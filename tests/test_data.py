@@ -4,9 +4,9 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-import slmops.data as data
+import slmops.data.prepare as data
 from conftest import TEMPLATE
-from slmops.config import FinetuneConfig
+from slmops.options.finetune_options import FinetuneOptions
 from slmops.errors import UsageError
 
 
@@ -15,7 +15,7 @@ def test_eval_split_missing_template_fields_is_named(tokenizer_dir, monkeypatch)
     splits = {"train": Dataset.from_dict({"phrase": ["good", "bad"], "tone": ["positive", "negative"]}),
               "validation": Dataset.from_dict({"text": ["a"]})}
     monkeypatch.setattr(data, "load_split", lambda name, files, split, subset=None: splits[split])
-    cfg = FinetuneConfig(model_name_or_path="m", data_name="some/hub-set", eval_split="validation",
+    cfg = FinetuneOptions(model_name_or_path="m", data_name="some/hub-set", eval_split="validation",
                          text_template=TEMPLATE, output_path="o")
     with pytest.raises(UsageError, match="--eval_split 'validation' lacks field.s. phrase, tone; fields present: text"):
         data.prepare_data(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))

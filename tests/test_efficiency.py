@@ -14,10 +14,11 @@ from transformers import AutoModelForCausalLM
 from conftest import FAMILIES, build_model
 from slmops.data.collate import Collator, shared_prefix
 from slmops.data.formatting import IGNORE
-from slmops.training.efficiency import (causal_lm_loss, drops_out, keep_freed_memory, last_mlp,
-                                        mlp_at_kept_positions, segmented_sdpa, supports_packing,
-                                        use_segmented_attention)
-from slmops.training.fast_lora import use_fast_lora
+from slmops.training.speed.attention import segmented_sdpa, use_segmented_attention
+from slmops.training.speed.fast_lora import use_fast_lora
+from slmops.training.speed.logits import causal_lm_loss, last_mlp, mlp_at_kept_positions
+from slmops.training.speed.memory import keep_freed_memory
+from slmops.training.speed.packing import drops_out, supports_packing
 
 
 def varied_rows(n: int = 6, vocab: int = 300, prefix: list[int] = ()) -> list[dict]:

@@ -16,7 +16,7 @@ from slmops import finetune
 from slmops.cli import main
 from slmops.evaluation import metrics as M
 from slmops.evaluation.backends import TorchBackend
-from slmops.evaluation.run import evaluate
+from slmops import evaluate
 from test_cli import fails_cleanly
 
 LABELS = ["negative", "positive"]

@@ -12,9 +12,11 @@ from conftest import TEMPLATE, build_model, sentiment_rows, write_jsonl
 from test_cli import fails_cleanly
 from slmops.cli import main
 from slmops.export import parity
-from slmops.export.auto_opt import ParityError, auto_opt
-from slmops.export.runtime import GenaiModel
-from slmops.models.loading import load_model, load_tokenizer
+from slmops import auto_opt
+from slmops.export.auto_opt import ParityError
+from slmops.models.genai import GenaiModel
+from slmops.models.loading import load_model
+from slmops.models.tokenizers import load_tokenizer
 
 PROMPTS = ["Review: good film very\nTone:", "Review: awful plot not\nTone:", "the actor was quite"]
 
@@ -84,7 +86,7 @@ def test_failed_parity_is_not_published(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setitem(parity.THRESHOLDS, "fp32", {"top1_agreement": 1.01, "perplexity_ratio": 1.0})
     out = tmp_path / "strict"
     with pytest.raises(ParityError, match="not published"):
-        auto_opt(str(out), str(tiny_llama), parity_prompts=2)
+        auto_opt(output_path=str(out), model_name_or_path=str(tiny_llama), parity_prompts=2)
     assert not out.exists()
     assert json.loads((tmp_path / "strict.failed" / "parity.json").read_text())["passed"] is False
 
@@ -134,7 +136,7 @@ def test_generate_runs_onnx_folders_with_a_named_adapter(tiny_llama, adapters, t
 
 
 def test_evaluate_scores_onnx_like_pytorch(tiny_llama, adapters, tmp_path):
-    from slmops.evaluation.run import evaluate
+    from slmops import evaluate
 
     out = tmp_path / "multi"
     assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[1]),

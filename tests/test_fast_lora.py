@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import build_model
-from slmops.training.fast_lora import FastDropout, FusedLoraLinear, bernoulli_positions, use_fast_lora
+from slmops.training.speed.fast_lora import FastDropout, FusedLoraLinear, bernoulli_positions, use_fast_lora
 
 
 def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():

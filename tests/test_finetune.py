@@ -57,7 +57,7 @@ def test_families_train_with_default_targets(family, tokenizer_dir, models_root,
 
 
 def test_qlora_weights_stay_trainable_after_eval(tiny_llama):
-    from slmops.methods import keep_4bit_trainable, quantization_config
+    from slmops.training.model_setup import keep_4bit_trainable, quantization_config
     from slmops.models.loading import load_model
     model = load_model(str(tiny_llama), torch.float32, quantization_config=quantization_config(torch.float32),
                        device_map={"": "cpu"})
@@ -108,7 +108,8 @@ class SignalAt(TrainerCallback):
 
 def test_signal_checkpoints_and_resume_matches_uninterrupted(tiny_llama, sentiment_file, tmp_path):
     kw = dict(max_steps=8, lora_dropout=0.1, logging_steps=1)
-    whole = losses(run(tiny_llama, sentiment_file, tmp_path / "whole", **kw))
+    whole_run = run(tiny_llama, sentiment_file, tmp_path / "whole", **kw)
+    whole = losses(whole_run)
 
     out = tmp_path / "cut"
     with pytest.raises(Interrupted, match="resume_from_checkpoint auto"):
@@ -125,6 +126,9 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted(tiny_llama, sentime
     assert resumed[:3] == pytest.approx(whole[:3], rel=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["results"]["global_step"] == 8
+    # the whole run's mean training loss, not only the steps after the resume
+    whole_loss = json.loads((whole_run / "manifest.json").read_text())["results"]["train_loss"]
+    assert manifest["results"]["train_loss"] == pytest.approx(whole_loss, rel=1e-5)
     # tokens/s counts only this session's tokens over this session's time
     results = manifest["results"]
     assert results["tokens_per_second"] * results["train_runtime_s"] < results["train_tokens"] * 0.75
@@ -151,11 +155,11 @@ def test_training_args_pass_through_and_unknown_rejected(tiny_llama, sentiment_f
 
 
 def test_torch_compile_on_cpu_warns_that_packed_batches_recompile(tmp_path, caplog):
-    from slmops.config import FinetuneConfig
+    from slmops.options.finetune_options import FinetuneOptions
     from slmops.training.args import build_training_args
 
     def warned(**training_args) -> bool:
-        cfg = FinetuneConfig.build(model_name_or_path="m", data_name="d", text_template=TEMPLATE,
+        cfg = FinetuneOptions.build(model_name_or_path="m", data_name="d", text_template=TEMPLATE,
                                    output_path=str(tmp_path / "o"), training_args={"use_cpu": True, **training_args})
         caplog.clear()
         with caplog.at_level("WARNING"):
@@ -283,9 +287,9 @@ def test_preflight_estimates_and_warns_when_memory_is_short(tiny_llama, sentimen
 
 def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sentiment_file, tmp_path, caplog,
                                                                  monkeypatch):
-    from slmops.evaluation import forgetting
+    from slmops.training import forgetting
 
-    monkeypatch.setattr(forgetting, "WARN_RATIO", 1.0)  # any rise warns: the tiny model's text gets harder
+    monkeypatch.setattr(forgetting, "FORGETTING_RATIO", 1.0)  # any rise warns: the tiny model's text gets harder
     with caplog.at_level("WARNING"):
         out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=6, learning_rate=5e-2,
                   eval_split="train[:4]")
@@ -301,8 +305,8 @@ def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sen
 def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeated_batch, tmp_path):
     from peft import PeftModel
 
-    from slmops.config import DataConfig
-    from slmops.data import prepare_data
+    from slmops.options.finetune_options import DataOptions
+    from slmops.data.prepare import prepare_data
     from slmops.data.formatting import IGNORE
 
     out = run(tiny_llama, repeated_batch, tmp_path / "out", max_steps=12, eval_split="train[:8]",
@@ -319,7 +323,7 @@ def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeat
     # independent check: decode each validation row greedily, one token at a time, with the saved adapter
     tok = AutoTokenizer.from_pretrained(out / "adapter")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter").eval()
-    rows = prepare_data(DataConfig(model_name_or_path=str(tiny_llama), data_name=str(repeated_batch),
+    rows = prepare_data(DataOptions(model_name_or_path=str(tiny_llama), data_name=str(repeated_batch),
                                    eval_split="train[:8]", text_template=TEMPLATE), tok).eval
     hits = []
     for row in rows:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import TEMPLATE, WORDS, sentiment_rows, write_jsonl
 from slmops import finetune
 from slmops.cli import main
-from slmops.config import LOSSES
+from slmops.options.finetune_options import LOSSES
 from slmops.training.losses import BUILTINS, ContrastiveLoss, LabelSmoothing
 
 # fp32 so that a loss computed here and one computed by the run agree to rounding
@@ -82,10 +82,10 @@ def _eval_loss_here(model_dir, data, smoothing: float) -> float:
     """The validation loss of the untrained model, computed without slmops's training code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slmops.config import FinetuneConfig
-    from slmops.data import prepare_data
+    from slmops.options.finetune_options import FinetuneOptions
+    from slmops.data.prepare import prepare_data
 
-    cfg = FinetuneConfig.build(model_name_or_path=str(model_dir), data_name=str(data), text_template=TEMPLATE,
+    cfg = FinetuneOptions.build(model_name_or_path=str(model_dir), data_name=str(data), text_template=TEMPLATE,
                                eval_split="train[:8]", output_path="-")
     rows = prepare_data(cfg, AutoTokenizer.from_pretrained(model_dir)).eval
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -17,7 +17,7 @@ import pytest
 from conftest import TEMPLATE, sentiment_rows, write_jsonl
 from slmops import finetune
 from slmops.cli import main
-from slmops.report import curves, diagnose, write_report
+from slmops.artifacts.report import curves, diagnose, write_report
 
 SVG = "{http://www.w3.org/2000/svg}"
 FAST = dict(per_device_train_batch_size=8, logging_steps=1, learning_rate=5e-3, save_steps=1000, report_to="none")
@@ -151,7 +151,7 @@ def test_cli_redraws_the_same_page(capsys, run_dir, tmp_path):
 def test_a_failed_report_keeps_the_trained_adapter(tiny_llama, tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
-    monkeypatch.setattr("slmops.report.write_report", broken)
+    monkeypatch.setattr("slmops.artifacts.report.write_report", broken)
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(16))
     with caplog.at_level(logging.WARNING, logger="slmops"):
         out = finetune(model_name_or_path=str(tiny_llama), data_name=str(data), text_template=TEMPLATE,

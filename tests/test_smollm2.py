@@ -25,7 +25,7 @@ def test_converted_tokenizer_matches_gguf_and_keeps_special_tokens(smollm2, tmp_
     from transformers import AutoTokenizer
 
     from slmops.models import catalog
-    from slmops.models.loading import prepare_tokenizer
+    from slmops.models.tokenizers import prepare_tokenizer
     tok = AutoTokenizer.from_pretrained(smollm2)
     assert (tok.eos_token, tok.bos_token, tok.padding_side) == ("<|im_end|>", "<|im_start|>", "right")
     assert tok.pad_token_id is not None and "<|im_start|>assistant" in tok.chat_template

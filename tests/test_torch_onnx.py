@@ -10,8 +10,8 @@ import pytest
 from conftest import build_model
 from slmops.cli import main
 from slmops.export import parity
-from slmops.export.runtime import GenaiModel
-from slmops.models.loading import load_tokenizer
+from slmops.models.genai import GenaiModel
+from slmops.models.tokenizers import load_tokenizer
 from test_cli import fails_cleanly
 from test_export import PROMPTS, make_adapter, torch_greedy
 

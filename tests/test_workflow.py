@@ -136,7 +136,7 @@ def test_chain_finetune_merge_export_evaluate_and_partial_reruns(tiny_llama, sen
 def test_cache_is_keyed_by_model_content_not_path(tiny_llama, tokenizer_dir, sentiment_file, tmp_path):
     import shutil
 
-    from slmops.workflow.config import validate
+    from slmops.workflow.reading import validate
     from slmops.workflow.engine import plan
 
     model = tmp_path / "model"
@@ -156,7 +156,7 @@ def test_cache_is_keyed_by_model_content_not_path(tiny_llama, tokenizer_dir, sen
 
 
 def test_pass_interrupted_or_half_published_is_never_taken_as_done(tiny_gpt2, io_file, tmp_path):
-    from slmops.workflow.config import validate
+    from slmops.workflow.reading import validate
     from slmops.workflow.engine import plan, run_workflow
 
     cfg = yaml.safe_load(SEED.replace("MODEL", str(tiny_gpt2)).replace("DATA", str(io_file)))

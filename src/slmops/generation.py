@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from transformers import TextStreamer
 
 from slmops.errors import UsageError
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
-
-
-def adapter_dir(path: str) -> Path:
-    """An adapter folder, or a `slmops finetune` output folder that holds one in adapter/."""
-    p = Path(path).expanduser()
-    for candidate in (p, p / "adapter"):
-        if (candidate / "adapter_config.json").exists():
-            return candidate
-    raise UsageError(f"no adapter_config.json in {path} or {path}/adapter; pass the adapter folder that "
-                     f"`slmops finetune` wrote")
+from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
+from slmops.models.genai import GenaiModel, is_genai_folder
+from slmops.models.loading import load_model, resolve
+from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
+from slmops.options.generate_options import GenerateOptions
 
 
 class _Stream(TextStreamer):
@@ -32,32 +24,27 @@ class _Stream(TextStreamer):
         self.sink(text)
 
 
-def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
-             chat: bool = False, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 42, trust_remote_code: bool = False,
-             on_text: Callable[[str], None] | None = None, adapter: str | None = None) -> str:
-    """Return the model's continuation of `prompt`; `on_text` receives it piece by piece.
+def generate(opts: GenerateOptions, on_text: Callable[[str], None] | None = None) -> str:
+    """Return the model's continuation of the prompt; `on_text` receives it piece by piece.
 
     `model_name_or_path` may be an ONNX Runtime GenAI folder; `adapter` then names one of its
     adapters (`slmops generate-adapter`). Same prompt handling and decoding options for both.
     """
-    from slmops.export.runtime import is_genai_folder
-
+    model_name_or_path, adapter_path, adapter = opts.model_name_or_path, opts.adapter_path, opts.adapter
+    prompt, chat, seed = opts.prompt, opts.chat, opts.seed
     if model_name_or_path and is_genai_folder(model_name_or_path):
         if adapter_path:
             raise UsageError("--adapter_path is for PyTorch models; an ONNX folder's adapters are chosen by name "
                              "with --adapter NAME")
-        return _generate_onnx(prompt, model_name_or_path, adapter, chat, max_new_tokens, do_sample, temperature,
-                              top_p, seed, on_text)
+        return _generate_onnx(prompt, model_name_or_path, opts, on_text)
     if adapter:
         raise UsageError(f"--adapter {adapter}: names an adapter inside an ONNX multi-adapter folder, but "
                          f"{model_name_or_path} is not an ONNX Runtime GenAI folder (no genai_config.json); "
                          f"for a PyTorch model pass --adapter_path")
     adapter_folder = adapter_dir(adapter_path) if adapter_path else None
     if model_name_or_path is None:
-        if adapter_folder is None:
-            raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
-        model_name_or_path = json.loads((adapter_folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model_name_or_path = base_model_of(adapter_folder)
+    trust_remote_code, do_sample = opts.trust_remote_code, opts.do_sample
     path = resolve(model_name_or_path)
     tokenizer = load_tokenizer(tokenizer_folder(adapter_folder, path), trust_remote_code)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -69,8 +56,9 @@ def generate(prompt: str, model_name_or_path: str | None = None, adapter_path: s
     torch.manual_seed(seed)
     streamer = _Stream(tokenizer, on_text) if on_text else None
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        out = model.generate(**inputs, max_new_tokens=opts.max_new_tokens, do_sample=do_sample,
+                             temperature=opts.temperature if do_sample else None,
+                             top_p=opts.top_p if do_sample else None,
                              streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -84,14 +72,10 @@ def _encode(tokenizer: Any, prompt: str, chat: bool, tensors: str | None) -> Any
     return tokenizer(prompt, return_tensors=tensors)
 
 
-def _generate_onnx(prompt: str, folder: str, adapter: str | None, chat: bool, max_new_tokens: int,
-                   do_sample: bool, temperature: float, top_p: float, seed: int,
-                   on_text: Callable[[str], None] | None) -> str:
-    from slmops.export.runtime import GenaiModel
-
+def _generate_onnx(prompt: str, folder: str, opts: GenerateOptions, on_text: Callable[[str], None] | None) -> str:
     model = GenaiModel(folder)
     tokenizer = load_tokenizer(folder)  # the folder's Hugging Face tokenizer files: same ids as PyTorch
-    ids = list(_encode(tokenizer, prompt, chat, None)["input_ids"])
+    ids = list(_encode(tokenizer, prompt, opts.chat, None)["input_ids"])
     new: list[int] = []
     shown = ""
 
@@ -103,7 +87,8 @@ def _generate_onnx(prompt: str, folder: str, adapter: str | None, chat: bool, ma
             on_text(text[len(shown):])
             shown = text
 
-    model.generate(ids, max_new_tokens, adapter, stream, do_sample, temperature, top_p, seed)
+    model.generate(ids, opts.max_new_tokens, opts.adapter, stream, opts.do_sample, opts.temperature, opts.top_p,
+                   opts.seed)
     text = tokenizer.decode(new, skip_special_tokens=True)
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])

@@ -1,4 +1,4 @@
-"""The `slmops` executable: one thin module per command, each building options for the API.
+"""The `slmops` executable: one thin module per command; flags come from the options models.
 
 Errors the user can fix (`UsageError`) print one line and exit 2; `--log_level 0` shows tracebacks.
 """
@@ -21,17 +21,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    low = value.lower()
-    if low in ("1", "true", "yes", "y", "on"):
-        return True
-    if low in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:
@@ -70,17 +59,21 @@ def setup_logging(level: int) -> None:
         warnings.filterwarnings("ignore")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(chosen: str | None = None) -> tuple[Parser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """Every command's parser; only `chosen` gets its TrainingArguments flags (importing them costs seconds)."""
     from slmops.cli import auto_opt, data, evaluate, finetune, generate, generate_adapter, models, report, run
 
     parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    argv = sys.argv[1:] if argv is None else argv
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for module in (finetune, generate, models, data, report, evaluate, auto_opt, generate_adapter, run):
-        # Importing TrainingArguments costs seconds; only `finetune` needs its flags.
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, handlers = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a bad flag already reported in one line

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from slmops.cli import add_log_level
-from slmops.cli.finetune import add_data_args
+from slmops.cli.flags import add_options, given
+from slmops.options.finetune_options import DataOptions
 
 
 def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
@@ -15,15 +16,13 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
                                              "duplicates, train/validation overlap and a rendered example",
                                description="Prepare the data exactly as `slmops finetune` would and report "
                                            "what it finds; fatal problems exit with status 2.")
-    add_data_args(check)
+    add_options(check, DataOptions)
     add_log_level(check)
     return {"data": handle}
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.config import DataConfig
     from slmops.data.doctor import check
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "action", "log_level")}
-    print(check(DataConfig.build(**options)))
+    print(check(DataOptions.build(**given(args))))
     return 0

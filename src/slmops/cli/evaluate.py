@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from slmops.cli import add_log_level
-from slmops.cli.finetune import _csv, add_data_args
+from slmops.cli.flags import add_options, given
 from slmops.errors import UsageError
-from slmops.evaluation.metrics import KNOWN
+from slmops.options.evaluate_options import EvaluateOptions
 
-NOT_USED = ("eval_fraction", "max_eval_samples", "max_seq_len", "train_on_prompt", "add_eos", "seed")
 FRACTIONS = ("accuracy", "f1", "exact_match", "rouge1", "rouge2", "rougeL", "precision", "recall")
 EXAMPLES = """examples:
   slmops evaluate -m smollm2-135m-instruct --adapter_path runs/sst2-lora -d dev.jsonl \\
@@ -31,29 +30,8 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
                     "accuracy, macro-F1, per-class precision/recall and a confusion matrix; otherwise the\n"
                     "generated answers are compared with the responses (exact match, BLEU, ROUGE).\n"
                     "Perplexity covers whole texts and the response tokens (what finetune's loss covers).")
-    model, data = add_data_args(p)
-    for action in p._actions:  # finetune's flags, as evaluate reads them
-        if action.dest == "model_name_or_path":
-            action.required = False  # --compare and --adapter_path can name the model instead
-        elif action.dest == "eval_split":
-            action.help = "split to evaluate, with an optional slice (default: --train_split, all rows of a file)"
-        elif action.dest == "max_samples":
-            action.help = "evaluate only the first N rows"
-        elif action.dest in NOT_USED:
-            action.help = argparse.SUPPRESS  # accepted, so finetune's data flags can be pasted unchanged
-    model.add_argument("--adapter_path", "--adapter", help="adapter folder, or a `slmops finetune` output folder; "
-                                                           "without -m, the base model recorded in the adapter. For "
-                                                           "an ONNX multi-adapter folder: the adapter's name")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--metrics", type=_csv, help=f"comma-separated, from {','.join(KNOWN)} (default: accuracy,f1 "
-                                                f"for labels; exact_match,bleu,rouge for generation)")
-    e.add_argument("--predict", default="likelihood",
-                   help="for labels: 'likelihood' (default) picks the label the model scores highest after the "
-                        "prompt; 'generate' decodes greedily and matches the answer to a label")
-    e.add_argument("--batch_size", type=int, default=16, help="sequences per forward pass (default 16)")
-    e.add_argument("--max_new_tokens", type=int,
-                   help="generation budget (default: the longest label plus 2 tokens, or 128)")
-    e.add_argument("-o", "--output_path", help="write the results as JSON (results.json) here")
+    add_options(p, EvaluateOptions, hidden=EvaluateOptions.unused)
+    e = p.add_argument_group("comparison")
     e.add_argument("--compare", nargs="+", metavar="RUN",
                    help="show several runs side by side in one table; each RUN is a results.json from "
                         "--output_path, or a model evaluated now with this command's data and metric flags: "
@@ -63,24 +41,28 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.evaluation.run import evaluate, save_results
+    from slmops.api import evaluate
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "output_path", "compare")}
-    options["progress"] = args.log_level < 2
+    options = given(args, "compare")
+    progress = args.log_level < 2
     if args.compare:
-        if args.model_name_or_path or args.adapter_path:
+        if options.get("model_name_or_path") or options.get("adapter_path"):
             raise UsageError("--compare names every run itself (MODEL, MODEL@ADAPTER, @ADAPTER or a results.json); "
                              "drop -m/--adapter_path")
+        output = options.pop("output_path", None)
         runs = []
         for item in args.compare:
-            runs += _read_runs(item) or [evaluate(**{**options, **_spec(item)})]
+            runs += _read_runs(item) or [evaluate(progress=progress, **{**options, **_spec(item)})]
         print(compare_table(runs))
         results: dict[str, Any] = {"runs": runs}
-    else:
-        results = evaluate(**options)
-        print(table(results))
-    if args.output_path:
-        print(f"wrote {save_results(results, args.output_path)}")
+        if output:
+            from slmops.artifacts.folders import write_json
+            print(f"wrote {write_json(Path(output).expanduser(), results)}")
+        return 0
+    results = evaluate(progress=progress, **options)
+    print(table(results))
+    if options.get("output_path"):
+        print(f"wrote {Path(options['output_path']).expanduser()}")
     return 0
 
 
@@ -122,9 +104,12 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
 
 
 def _read_runs(item: str) -> list[dict[str, Any]]:
-    """The runs in a results.json (one run, or a --compare file's list); [] when `item` names a model."""
+    """The runs in a results.json, or an evaluation folder's (one run, or a --compare file's list); [] when
+    `item` names a model."""
     path = Path(item).expanduser()
-    if path.suffix != ".json":
+    if path.is_dir() and (path / "results.json").is_file():
+        path = path / "results.json"
+    elif path.suffix != ".json":
         return []
     try:
         content = json.loads(path.read_text(encoding="utf-8"))

@@ -18,11 +18,12 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from slmops.artifacts.folders import cache_root
     from slmops.models import catalog
 
     if args.action == "list":
         for entry in catalog.CATALOG.values():
-            folder = catalog.cache_root() / "models" / entry.name
+            folder = cache_root() / "models" / entry.name
             state = f"cached in {folder}" if (folder / "config.json").exists() else "not pulled yet"
             print(f"{entry.name:28s} {entry.description} [{state}]")
         return 0

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from slmops.report import write_report
+    from slmops.artifacts.report import write_report
 
     print(write_report(args.run_dir, args.output))
     return 0

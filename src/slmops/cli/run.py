@@ -29,13 +29,11 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 def handle(args: argparse.Namespace) -> int:
     from slmops.errors import UsageError
-    from slmops.workflow.config import load_workflow
+    from slmops.workflow.reading import load_workflow
 
-    wf = load_workflow(args.config)
-    if args.output_dir:
-        wf.spec.output_dir = args.output_dir
+    wf = load_workflow(args.config, args.output_dir)
     searching = args.command == "search"
-    if searching and wf.spec.search_strategy is None:
+    if searching and wf.search is None:
         raise UsageError(f"{args.config} has no search_strategy; add search_strategy and search_space, or use "
                          f"`slmops run`")
     needed = required_packages(wf)
@@ -49,7 +47,7 @@ def handle(args: argparse.Namespace) -> int:
         subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
     elif missing:
         raise UsageError(f"the passes need {', '.join(missing)}, not installed; add --setup to install them")
-    from slmops.workflow.engine import pass_folder, plan, run_workflow, searched_pass
+    from slmops.workflow.engine import plan, run_workflow
 
     if args.dry_run:
         print(_plan_table(wf, plan(wf)))
@@ -63,19 +61,19 @@ def handle(args: argparse.Namespace) -> int:
               f"again to continue (a fine-tuning pass resumes from its checkpoint, a search keeps its finished "
               f"trials)", file=sys.stderr)
         return 130
-    if wf.spec.search_strategy is not None:
+    if wf.search is not None:
         from slmops.workflow.search import summary
 
-        print(summary(pass_folder(wf, searched_pass(wf))))
+        print(summary(wf.passes[wf.searched_pass()].folder))
     print(f"output model: {model.describe()}")
     return 0
 
 
 def required_packages(wf) -> list[tuple[str, str]]:
-    from slmops.workflow.passes import NEEDS
+    from slmops.workflow.passes import SEARCH_NEEDS, pass_types
 
-    kinds = [p.type for p in wf.spec.passes.values()] + (["search"] if wf.spec.search_strategy else [])
-    return list(dict.fromkeys(need for kind in kinds for need in NEEDS.get(kind, [])))
+    needs = [need for p in wf.passes.values() for need in pass_types()[p.type].needs]
+    return list(dict.fromkeys(needs + list(SEARCH_NEEDS if wf.search is not None else ())))
 
 
 def _installed(module: str) -> bool:
@@ -83,16 +81,15 @@ def _installed(module: str) -> bool:
 
 
 def _plan_table(wf, steps: list[dict]) -> str:
-    lines = [f"workflow {wf.source}: model {wf.spec.model.config.model_path} ({wf.spec.model.type}); "
-             f"run folder {wf.output_dir}"]
-    if wf.spec.search_strategy is not None:
-        s = wf.spec.search_strategy
-        lines.append(f"search: {s.type}, {s.num_trials} trials, {s.goal} {s.metric}, over "
-                     f"{', '.join(wf.spec.search_space)}")
+    lines = [f"workflow {wf.source}: model {wf.model.describe()}; run folder {wf.output_dir}"]
+    if wf.search is not None:
+        s = wf.search
+        lines.append(f"search: {s.type}, {s.num_trials} trials, {s.goal} {s.metric}, over {', '.join(wf.space)}")
     for i, step in enumerate(steps, 1):
         status = "reuse (unchanged)" if step["done"] else "run"
         lines.append(f"  {i}. {step['name']:<16} {step['type']:<20} {status:<18} -> {step['folder']}")
-        settings = wf.passes[step["name"]].model_dump(exclude_defaults=True, exclude_none=True)
+        options = wf.passes[step["name"]].options
+        settings = options.model_dump(exclude_defaults=True, exclude_none=True)
         if settings:
             lines.append(f"     {settings}")
     return "\n".join(lines)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from slmops.config import DataConfig
-from slmops.data import PreparedData, prepare_data
+from slmops.options.finetune_options import DataOptions
+from slmops.data.prepare import PreparedData, prepare_data
 from slmops.data.formatting import IGNORE
-from slmops.models.loading import load_tokenizer, resolve
+from slmops.models.loading import resolve
+from slmops.models.tokenizers import load_tokenizer
 
 BAR = 40
 
 
-def check(cfg: DataConfig) -> str:
+def check(cfg: DataOptions) -> str:
     tokenizer = load_tokenizer(resolve(cfg.model_name_or_path), cfg.trust_remote_code)
     data = prepare_data(cfg, tokenizer)
     return report(data, tokenizer, cfg.max_seq_len)

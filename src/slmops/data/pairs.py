@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from slmops.config import FinetuneConfig
-from slmops.data import PreparedData, _checks, _drop_empty
+from slmops.options.finetune_options import FinetuneOptions
+from slmops.data.prepare import PreparedData, data_checks, drop_empty
 from slmops.data.sources import hold_out, load_split
 from slmops.errors import UsageError
 
@@ -25,18 +25,18 @@ log = logging.getLogger(__name__)
 UNLIMITED = 10**6  # tokenizers without a length limit report a huge model_max_length
 
 
-def prepare_pairs(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
+def prepare_pairs(cfg: FinetuneOptions, tokenizer: Any) -> PreparedData:
     """The pair counterpart of `prepare_data`: splits, tokens, labels and the manifest's summary."""
     fields = [cfg.text_field, cfg.text_pair_field, cfg.pair_label_field]
     train_rows = load_split(cfg.data_name, cfg.data_files, cfg.train_split, cfg.train_subset)
     _check_columns(fields, train_rows.column_names, cfg.train_split)
-    train_rows = _drop_empty(train_rows, fields, cfg.train_split)
+    train_rows = drop_empty(train_rows, fields, cfg.train_split)
     if cfg.max_samples:
         train_rows = train_rows.select(range(min(cfg.max_samples, len(train_rows))))
     if cfg.eval_split:
         eval_rows = load_split(cfg.data_name, cfg.data_files, cfg.eval_split, cfg.eval_subset or cfg.train_subset)
         _check_columns(fields, eval_rows.column_names, cfg.eval_split)
-        eval_rows = _drop_empty(eval_rows, fields, cfg.eval_split)
+        eval_rows = drop_empty(eval_rows, fields, cfg.eval_split)
     else:
         fraction = min(cfg.eval_fraction, cfg.max_eval_samples / len(train_rows))
         train_rows, eval_rows = hold_out(train_rows, fraction, cfg.seed, train_rows[cfg.pair_label_field])
@@ -64,7 +64,7 @@ def prepare_pairs(cfg: FinetuneConfig, tokenizer: Any) -> PreparedData:
             log.warning("%s: %d of %d pairs had a text longer than %d tokens, truncated", name, truncated,
                         len(labels), max_len)
     stats["fingerprint"] = fingerprint.hexdigest()
-    stats["checks"] = _checks(texts, splits["train"]["labels"])
+    stats["checks"] = data_checks(texts, splits["train"]["labels"])
     return PreparedData(splits["train"], splits["eval"], stats)
 
 

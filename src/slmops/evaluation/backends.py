@@ -7,7 +7,6 @@ one batch; `evaluate` does the batching, ordering, timing and progress.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -16,8 +15,10 @@ import torch.nn.functional as F
 
 from slmops.data.formatting import IGNORE, tokenize
 from slmops.errors import UsageError
-from slmops.export.runtime import is_genai_folder
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
+from slmops.models.adapters import attach_adapter
+from slmops.models.genai import GenaiModel, is_genai_folder
+from slmops.models.loading import load_model, resolve
+from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 
 NO_LIMIT = 1 << 30  # evaluation scores the whole text: no --max_seq_len truncation
 
@@ -44,11 +45,6 @@ class Backend(Protocol):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens in each text, as the model reads it (for throughput)."""
         ...
-
-
-def base_model_of(adapter: Path) -> str:
-    """The model an adapter was trained on, as recorded in its config."""
-    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,
@@ -163,8 +159,6 @@ class OnnxBackend:
     name = "onnx-genai"
 
     def __init__(self, folder: str, adapter: str | None = None):
-        from slmops.export.runtime import GenaiModel
-
         self.model = GenaiModel(folder)
         self.tokenizer = load_tokenizer(str(Path(folder).expanduser()))
         if adapter is not None:

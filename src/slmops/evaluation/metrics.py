@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 
-KNOWN = ("accuracy", "f1", "exact_match", "perplexity", "bleu", "rouge", "latency", "throughput")
 OTHER = "(other)"  # a generated answer that is none of the labels
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

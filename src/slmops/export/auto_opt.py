@@ -9,48 +9,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slmops.artifacts.folders import folder_mb, publish, refuse_existing, work_dir
+from slmops.artifacts.manifest import write_manifest
 from slmops.errors import UsageError, first_line
 from slmops.export import parity, torch_onnx
-from slmops.export.builder import PRECISIONS, UnsupportedArchitecture, build, check_provider, lora_kept_float
-from slmops.export.runtime import GenaiModel
+from slmops.export.builder import UnsupportedArchitecture, build, check_provider, lora_kept_float
 from slmops.export.source import Source, find_source, load_reference, save_for_builder, trained_for
-from slmops.manifest import write_manifest
-from slmops.outputs import publish, refuse_existing, work_dir
+from slmops.models.genai import GenaiModel
+from slmops.options.export_options import ExportOptions, Target
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
-EXPORTERS = ("auto", "builder", "torch")  # auto: the builder, or torch.onnx for what it cannot export
 
 
 class ParityError(Exception):
     """The export ran but does not answer like the PyTorch model; the folder is kept as OUT.failed."""
 
 
-def check_flags(output_path: str, device: str, provider: str | None, precision: str, overwrite: bool,
-                parity_prompts: int, exporter: str = "auto") -> tuple[Path, str]:
-    """Everything that can be refused before a model is loaded: (output folder, builder provider)."""
-    if exporter not in EXPORTERS:
-        raise UsageError(f"--exporter {exporter}: choose one of {', '.join(EXPORTERS)}")
-    if device not in DEFAULT_PROVIDER:
-        raise UsageError(f"--device {device}: choose cpu or gpu")
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
-    if parity_prompts < 1:
-        raise UsageError(f"--parity_prompts {parity_prompts}: the parity check needs at least 1 prompt")
-    out = Path(output_path).expanduser()
-    refuse_existing(out, overwrite)
-    return out, check_provider(provider or DEFAULT_PROVIDER[device], device)
+def check_target(opts: Target) -> tuple[Path, str]:
+    """What can be refused before a model is loaded: (output folder, the builder's provider name)."""
+    out = Path(opts.output_path).expanduser()
+    refuse_existing(out, opts.overwrite)
+    return out, check_provider(opts.execution_provider, opts.device)
 
 
-def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_path: str | None = None,
-             device: str = "cpu", provider: str | None = None, precision: str = "fp32",
-             trust_remote_code: bool = False, overwrite: bool = False, parity_prompts: int = 16,
-             exporter: str = "auto") -> Path:
+def auto_opt(opts: ExportOptions) -> Path:
     """Export, check parity, and publish `output_path`; raises ParityError below the precision's thresholds."""
     started = time.perf_counter()
-    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts, exporter)
-    source = find_source(model_name_or_path, adapter_path)
+    out, ep = check_target(opts)
+    precision, exporter, trust_remote_code = opts.precision, opts.exporter, opts.trust_remote_code
+    source = find_source(opts.model_name_or_path, opts.adapter_path)
     aware = trained_for(source)
     unmerged = aware is not None and aware == precision and exporter != "torch"  # LoRA beside: builder only
     if aware and not unmerged:
@@ -64,7 +51,7 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
     try:
         with tempfile.TemporaryDirectory(dir=work.parent, prefix=f".{out.name}-merged-") as tmp:
             log.info("exporting %s%s to ONNX (%s, %s)", source.base, f" + {source.adapter}" if source.adapter else "",
-                     precision, provider or DEFAULT_PROVIDER[device])
+                     precision, opts.execution_provider)
             used = "builder"
             if unmerged:  # int4 base, the adapter beside it in float: the weights it was trained against
                 probe = Path(tmp) / "probe"
@@ -76,14 +63,11 @@ def auto_opt(output_path: str, model_name_or_path: str | None = None, adapter_pa
                 used = export_merged(model, tokenizer, source, Path(tmp), work, precision, ep, exporter,
                                      trust_remote_code)
         built = time.perf_counter()
-        items, origin = parity.probes(tokenizer, source.manifest, parity_prompts)
+        items, origin = parity.probes(tokenizer, source.manifest, opts.parity_prompts)
         result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
         parity.write(work, [result])
-        write_manifest(work / "manifest.json", "auto-opt", {
-            "model_name_or_path": model_name_or_path, "adapter_path": adapter_path, "device": device,
-            "provider": provider or DEFAULT_PROVIDER[device], "precision": precision, "use_ort_genai": True,
-            "trust_remote_code": trust_remote_code, "parity_prompts": parity_prompts, "exporter": exporter,
-        }, {"base_model": source.base, "exporter": used, "adapter": str(source.adapter) if source.adapter else None,
+        write_manifest(work / "manifest.json", "auto-opt", {**opts.model_dump(), "provider": opts.execution_provider},
+                       {"base_model": source.base, "exporter": used, "adapter": str(source.adapter) if source.adapter else None,
             "adapter_merged": source.adapter is not None and not unmerged,
             "adapter_float_beside_int4_base": unmerged}, {}, {
             "parity": result, "export_seconds": round(built - started, 2),
@@ -128,8 +112,3 @@ def publish_checked(work: Path, out: Path, results: list[dict], what: str) -> No
     who = ", ".join(f"adapter {r['adapter']}" if r.get("adapter") else what for r in failing)
     raise ParityError(f"{who} does not match the PyTorch model closely enough (see {failed}/parity.json); "
                       f"not published to {out}. Try a higher --precision")
-
-
-def folder_mb(folder: Path) -> float:
-    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1)
-

@@ -8,15 +8,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from slmops.errors import UsageError, first_line
+from slmops.options.export_options import PROVIDERS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-PROVIDERS = {  # provider -> (builder execution provider, device, what to install when it is missing)
-    "CPUExecutionProvider": ("cpu", "cpu", "onnxruntime-genai"),
-    "CUDAExecutionProvider": ("cuda", "gpu", "onnxruntime-genai-cuda (pip install onnxruntime-genai-cuda)"),
-    "DmlExecutionProvider": ("dml", "gpu", "onnxruntime-genai-directml on Windows (pip install onnxruntime-genai-directml)"),
-}
 
 
 class UnsupportedArchitecture(UsageError):

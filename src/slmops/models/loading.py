@@ -1,4 +1,4 @@
-"""Resolve a model name to local weights and load model and tokenizer the same way everywhere."""
+"""Resolve a model name to local weights and load the model the same way everywhere."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmops.errors import UsageError, first_line
+from slmops.errors import UsageError
 from slmops.models import catalog
+from slmops.models.tokenizers import cannot_load
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +38,6 @@ def resolve(name: str) -> str:
     return name
 
 
-def prepare_tokenizer(tok: Any) -> Any:
-    """Training needs a pad token and right padding; GGUF tokenizers often come with neither."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _not_found(path, err) from None
-    return prepare_tokenizer(tok)
-
-
-def tokenizer_folder(adapter: Path | None, base: str) -> str:
-    """An adapter's own tokenizer when it saved one (slmops does, with any added tokens), else the base's."""
-    if adapter is not None and (adapter / "tokenizer_config.json").is_file():
-        return str(adapter)
-    return base
-
-
 def is_encoder(path: str, trust_remote_code: bool = False) -> bool:
     """A BERT-like encoder (all-MiniLM, RoBERTa, ...): it trains on sentence pairs and loads without a
     language-model head. AutoModelForCausalLM would bolt a random head onto it instead."""
@@ -72,7 +48,7 @@ def is_encoder(path: str, trust_remote_code: bool = False) -> bool:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _not_found(path, err) from None
+        raise cannot_load(path, err) from None
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_decoder
             and not config.is_encoder_decoder and not causal & set(config.architectures or ()))
@@ -90,18 +66,7 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False,
         if "trust_remote_code" in str(err):
             raise UsageError(f"{path} needs custom code from its repository; pass --trust_remote_code "
                              f"if you trust it") from None
-        raise _not_found(path, err) from None
-
-
-def attach_adapter(model: nn.Module, adapter: Path, base_name: str) -> nn.Module:
-    """`model` wrapped with the PEFT adapter in `adapter`; an adapter made for another base is one line."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise UsageError(f"adapter {adapter} does not fit model {base_name} ({first_line(err)[:160]}); "
-                         f"pass the base model it was trained on") from None
+        raise cannot_load(path, err) from None
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -113,9 +78,3 @@ def linear_module_names(model: nn.Module) -> list[str]:
              if isinstance(mod, (nn.Linear, Conv1D)) and mod is not head}
     names.discard("lm_head")
     return sorted(names)
-
-
-def _not_found(path: str, err: Exception) -> UsageError:
-    return UsageError(f"cannot load model {path!r} ({first_line(err)}); pass a local Hugging Face folder, a .gguf "
-                      f"file, a catalogue alias (slmops models list), or a hub id already in the Hugging "
-                      f"Face cache (HF_HUB_OFFLINE=1 skips the network look-up)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -11,14 +10,13 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from slmops.config import FinetuneConfig
 from slmops.errors import UsageError, first_line
+from slmops.options.finetune_options import FinetuneOptions
+from slmops.options.methods import METHODS
+from slmops.options.training_args import training_argument_names
 
 log = logging.getLogger(__name__)
 
-TRAINING_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-# Names Olive users type that transformers 5 renamed or dropped.
-RENAMED = {"evaluation_strategy": "eval_strategy"}
 
 
 @lru_cache(maxsize=1)
@@ -32,7 +30,7 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(cfg: FinetuneConfig) -> torch.dtype:
+def autocast_dtype(cfg: FinetuneOptions) -> torch.dtype:
     """The mixed-precision dtype this run uses: the user's choice, else the fastest exact-enough one."""
     dtype = _choose_dtype(cfg)
     if dtype == torch.bfloat16 and not on_gpu(cfg) and not cpu_supports_bf16():
@@ -41,7 +39,7 @@ def autocast_dtype(cfg: FinetuneConfig) -> torch.dtype:
     return dtype
 
 
-def _choose_dtype(cfg: FinetuneConfig) -> torch.dtype:
+def _choose_dtype(cfg: FinetuneOptions) -> torch.dtype:
     ta = cfg.training_args
     if ta.get("bf16"):
         return torch.bfloat16
@@ -57,22 +55,18 @@ def _choose_dtype(cfg: FinetuneConfig) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def on_gpu(cfg: FinetuneConfig) -> bool:
+def on_gpu(cfg: FinetuneOptions) -> bool:
     return torch.cuda.is_available() and not cfg.training_args.get("use_cpu")
 
 
-def build_training_args(cfg: FinetuneConfig, checkpoint_dir: Path, amp: torch.dtype) -> TrainingArguments:
+def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.dtype) -> TrainingArguments:
     """Defaults that suit fine-tuning small models, then the user's TrainingArguments on top."""
-    from slmops.methods import METHODS
-
     user = dict(cfg.training_args)
-    for old, new in RENAMED.items():
-        if old in user:
-            value = user.pop(old)
-            user.setdefault(new, value)
-    if user.pop("group_by_length", False):
+    if "evaluation_strategy" in user:  # transformers 5's name is eval_strategy
+        user.setdefault("eval_strategy", user.pop("evaluation_strategy"))
+    if user.pop("group_by_length", False):  # now a sampling strategy
         user.setdefault("train_sampling_strategy", "group_by_length")
-    unknown = sorted(set(user) - TRAINING_ARG_NAMES)
+    unknown = sorted(set(user) - training_argument_names())
     if unknown:
         raise UsageError(f"unknown training option(s): {', '.join('--' + u for u in unknown)}; see "
                          f"`slmops finetune --help` for Hugging Face TrainingArguments names")

@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -150,3 +151,49 @@ class GracefulStop(TrainerCallback):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+class RunLoss(TrainerCallback):
+    """The whole run's mean training loss, as an uninterrupted run reports it.
+
+    After a resume, the Trainer's own `training_loss` averages only the steps run since the resume. This
+    callback adds up each step's loss (what `training_step` returns, kept on the device: no sync per
+    step) and writes the sum so far into every checkpoint; a run resumed from that checkpoint adds it back.
+    """
+
+    FILE = "slmops_loss.json"
+
+    def __init__(self) -> None:
+        self.prior_sum = 0.0  # the loss summed over the steps before the resume
+        self.prior_steps = 0
+        self.session: torch.Tensor | None = None
+
+    def bind(self, trainer: Any, resume: str | None) -> None:
+        """Count every step `trainer` takes; `resume` is the checkpoint it continues from, if any."""
+        saved = json.loads((Path(resume) / self.FILE).read_text()) if resume and (Path(resume) / self.FILE).is_file() \
+            else {}
+        self.prior_sum, self.prior_steps = float(saved.get("loss_sum", 0.0)), int(saved.get("global_step", 0))
+        step = trainer.training_step
+
+        def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = step(*args, **kwargs)
+            self.session = loss.detach() if self.session is None else self.session + loss.detach()
+            return loss
+
+        trainer.training_step = counted
+
+    def loss_sum(self) -> float:
+        return self.prior_sum + (float(self.session) if self.session is not None else 0.0)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / self.FILE).write_text(json.dumps({"global_step": state.global_step,
+                                                        "loss_sum": self.loss_sum()}))
+
+    def whole_run(self, trainer_loss: float, global_step: int) -> float:
+        """The Trainer's figure for an uninterrupted run; after a resume, the same over every step."""
+        if not self.prior_steps:
+            return trainer_loss
+        session_steps = global_step - self.prior_steps
+        return (self.prior_sum + trainer_loss * session_steps) / max(global_step, 1)

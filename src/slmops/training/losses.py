@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmops.errors import UsageError
-from slmops.training.efficiency import supervised_logits
+from slmops.training.speed.logits import supervised_logits
 
 USER_MODULE = "slmops_user_loss"  # prefix of the module names user files are imported under
 

@@ -1,23 +1,23 @@
-"""Workflow passes by type name: each turns the model so far into a new one in its own folder.
+"""Pass types by name: each has one options model (its schema) and one function that runs it.
 
-A pass is a function `(Step) -> ModelRef` that calls the same API as the matching command
-(`finetune`, `auto-opt`, `generate-adapter`, `evaluate`), so a workflow and a command are one
-code path. Each writes its folder completely or not at all (the APIs publish `OUT.partial`).
+A pass turns the model so far into a new one in its own folder, by calling the feature the matching
+command calls (`finetune`, `auto-opt`, `generate-adapter`, `evaluate`) with its validated options;
+each feature writes its folder completely or not at all.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel
-
 from slmops.errors import UsageError
-from slmops.workflow.config import finetune_options
-from slmops.workflow.schema import FINETUNE_TYPES, Workflow
+from slmops.options.evaluate_options import EvaluateOptions
+from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions, MergeOptions
+from slmops.options.fields import Options
+from slmops.options.finetune_options import FinetuneOptions
+from slmops.options.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +37,25 @@ class ModelRef:
 
 @dataclass
 class Step:
+    """One pass as the engine runs it: validated options, the model so far, the folder to fill."""
     name: str
     type: str
-    settings: BaseModel
-    workflow: Workflow
+    options: Any  # the pass type's options model, validated
     model: ModelRef
     out: Path
     owned: bool           # the folder is the engine's (under output_dir), not one the user named
     key: str = ""         # the engine's cache key for this pass
     callbacks: tuple = ()  # TrainerCallbacks for fine-tuning passes (the search's pruning hook)
 
-    @property
-    def trust_remote_code(self) -> bool:
-        return self.workflow.spec.model.config.trusts_remote_code
-
     def overwrite(self) -> bool:
-        return self.owned or bool(getattr(self.settings, "overwrite", False))
+        return self.owned or bool(getattr(self.options, "overwrite", False))
+
+    def with_options(self, **updates: Any) -> Any:
+        return self.options.model_copy(update=updates)
 
 
 def finetune(step: Step) -> ModelRef:
-    from slmops.training.finetune import finetune as run_finetune
+    from slmops.training.recipe import finetune as train
 
     if step.model.onnx:
         raise UsageError(f"passes.{step.name}: cannot fine-tune an ONNX model; fine-tune the PyTorch model "
@@ -64,11 +63,10 @@ def finetune(step: Step) -> ModelRef:
     if step.model.adapter:
         raise UsageError(f"passes.{step.name}: the model already carries an adapter from an earlier pass; put a "
                          f"MergeAdapterWeights pass before this one to train on top of it")
-    options = finetune_options(step.workflow.spec, step.name, step.settings, str(step.out))
-    options["model_name_or_path"] = step.model.path
+    updates: dict[str, Any] = {"model_name_or_path": step.model.path, "output_path": str(step.out)}
     if step.owned:  # our folder: an interrupted attempt of this very pass resumes, anything else is redone
-        options.update(overwrite=True, resume_from_checkpoint=options.get("resume_from_checkpoint") or "auto")
-    return trained_model(step.model.path, run_finetune(callbacks=step.callbacks, **options))
+        updates.update(overwrite=True, resume_from_checkpoint=step.options.resume_from_checkpoint or "auto")
+    return trained_model(step.model.path, train(step.with_options(**updates), step.callbacks))
 
 
 def trained_model(base: str, folder: Path) -> ModelRef:
@@ -79,78 +77,48 @@ def trained_model(base: str, folder: Path) -> ModelRef:
 
 
 def merge(step: Step) -> ModelRef:
-    from slmops.export.source import find_source, load_reference, trained_for
-    from slmops.manifest import write_manifest
-    from slmops.outputs import publish, refuse_existing, work_dir
+    from slmops.export.merge import merge as merge_adapter
 
     if step.model.adapter is None:
         raise UsageError(f"passes.{step.name}: MergeAdapterWeights needs an adapter; put it after a LoRA-style "
                          f"pass, or give model.config.adapter_path")
-    refuse_existing(step.out, step.overwrite())
-    source = find_source(step.model.path, step.model.adapter)
-    if trained_for(source):
-        log.warning("passes.%s: the adapter was trained for a %s export; merged into float weights it loses "
-                    "that (export it with ModelBuilder at that precision instead)", step.name, trained_for(source))
-    model, tokenizer = load_reference(source, step.trust_remote_code)  # merged in fp32
-    work = work_dir(step.out)
-    model.save_pretrained(work)
-    tokenizer.save_pretrained(work)
-    write_manifest(work / "manifest.json", "merge", {"model_name_or_path": step.model.path,
-                                                     "adapter_path": step.model.adapter}, {}, {}, {})
-    publish(work, step.out)
+    merge_adapter(step.with_options(model_name_or_path=step.model.path, adapter_path=step.model.adapter,
+                                    output_path=str(step.out), overwrite=step.overwrite()))
     return ModelRef(str(step.out))
 
 
 def export(step: Step) -> ModelRef:
     from slmops.export.auto_opt import auto_opt
 
-    s = step.settings
     source = _pytorch_source(step)
-    device, provider = _device(step)
-    precision = s.precision if step.type != "OnnxQuantization" or "precision" in s.model_fields_set else "int8"
-    auto_opt(str(step.out), source.path, source.adapter, device, provider, precision, step.trust_remote_code,
-             step.overwrite(), s.parity_prompts, s.exporter)
-    return ModelRef(str(step.out), onnx=True, source=asdict(source))
+    auto_opt(step.with_options(model_name_or_path=source.path, adapter_path=source.adapter,
+                               output_path=str(step.out), overwrite=step.overwrite()))
+    return ModelRef(str(step.out), onnx=True, source=vars(source).copy())
 
 
 def extract_adapters(step: Step) -> ModelRef:
+    from slmops.artifacts.folders import read_json
     from slmops.export.multi_adapter import generate_adapter
 
-    s = step.settings
     source = _pytorch_source(step)
-    adapters = s.adapter_paths or ([source.adapter] if source.adapter else [])
+    adapters = step.options.adapter_paths or ([source.adapter] if source.adapter else [])
     if not adapters:
         raise UsageError(f"passes.{step.name}: no adapter to extract; put it after a LoRA-style pass or give "
                          f"adapter_paths")
-    device, provider = _device(step)
-    generate_adapter(source.path, adapters, str(step.out), s.adapter_names, device, provider, s.precision,
-                     step.trust_remote_code, step.overwrite(), s.parity_prompts)
+    generate_adapter(step.with_options(base_model_path=source.path, adapter_paths=adapters,
+                                       output_path=str(step.out), overwrite=step.overwrite()))
     names = list(read_json(step.out / "manifest.json")["resolved"]["adapters"])
     # One adapter: later passes (Evaluate) use it by name; several: the plain base, as at run time.
     return ModelRef(str(step.out), names[0] if len(names) == 1 else None, onnx=True,
-                    source=asdict(ModelRef(source.path)))
+                    source=vars(ModelRef(source.path)).copy())
 
 
 def evaluate(step: Step) -> ModelRef:
-    from slmops.evaluation.run import evaluate as run_evaluate
-    from slmops.manifest import write_manifest
-    from slmops.outputs import publish, work_dir
+    from slmops.evaluation.scoring import evaluate_and_save
 
-    s = step.settings
-    data = step.workflow.data(s.data_config)
-    options = {k: v for k, v in data.options().items() if k not in ("eval_fraction", "max_eval_samples")}
-    if s.max_samples:
-        options["max_samples"] = s.max_samples
-    options["eval_split"] = s.split or options.pop("train_split")
-    results = run_evaluate(step.model.path, step.model.adapter, s.metrics, s.predict,
-                           s.batch_size, s.max_new_tokens, progress=False,
-                           trust_remote_code=step.trust_remote_code, **options)
-    work = work_dir(step.out)
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-    write_manifest(work / "manifest.json", "evaluate", {"model_name_or_path": step.model.path,
-                                                        "adapter_path": step.model.adapter, **s.model_dump()},
-                   {}, results["data"], {"metrics": results["metrics"]})
-    publish(work, step.out)
+    options = step.with_options(model_name_or_path=step.model.path, adapter_path=step.model.adapter,
+                                output_path=str(step.out))
+    results = evaluate_and_save(options, progress=False)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in results["metrics"].items() if isinstance(v, float))
     log.info("%s: %s", step.name, shown)
     return step.model
@@ -166,30 +134,85 @@ def _pytorch_source(step: Step) -> ModelRef:
     return ModelRef(**step.model.source)
 
 
-def _device(step: Step) -> tuple[str, str | None]:
-    device, provider = step.workflow.device()
-    return step.settings.device or device, step.settings.provider or provider
-
-
-PASSES: dict[str, Callable[[Step], ModelRef]] = {
-    **{t: finetune for t in FINETUNE_TYPES},
-    "MergeAdapterWeights": merge, "ModelBuilder": export, "OnnxConversion": export, "OnnxQuantization": export,
-    "ExtractAdapters": extract_adapters, "Evaluate": evaluate,
-}
-
 # What each pass imports beyond the core install: (module to import, pip requirement).
-EXPORT_NEEDS = [("onnxruntime_genai", "onnxruntime-genai>=0.11"), ("onnx_ir", "onnx-ir>=0.1.12"),
-                ("onnxruntime", "onnxruntime>=1.22"), ("onnx", "onnx>=1.17")]
-NEEDS: dict[str, list[tuple[str, str]]] = {
-    "QLoRA": [("bitsandbytes", "bitsandbytes>=0.45")],
-    **{t: EXPORT_NEEDS for t in ("ModelBuilder", "OnnxConversion", "OnnxQuantization", "ExtractAdapters")},
-    "Evaluate": [("sacrebleu", "sacrebleu>=2.4"), ("rouge_score", "rouge-score>=0.1.2")],
-    "search": [("optuna", "optuna>=4.0")],
+EXPORT_NEEDS = (("onnxruntime_genai", "onnxruntime-genai>=0.11"), ("onnx_ir", "onnx-ir>=0.1.12"),
+                ("onnxruntime", "onnxruntime>=1.22"), ("onnx", "onnx>=1.17"))
+SEARCH_NEEDS = (("optuna", "optuna>=4.0"),)
+
+
+@dataclass(frozen=True)
+class PassType:
+    """A workflow pass type: its options (the schema of its `config`) and what runs it."""
+    options: type[Options]
+    run: Callable[[Step], ModelRef]
+    needs: tuple[tuple[str, str], ...] = ()
+    ignored: frozenset[str] = frozenset()  # Olive's settings that have no effect here (accepted, logged)
+    defaults: dict[str, Any] = field(default_factory=dict)  # this type's defaults where they differ
+
+
+# Olive's settings with no effect here: placement and precision of a GPU run (our device choice is
+# automatic), torch.onnx's own settings (the builder chooses its opset), and ExtractAdapters' layout
+# choices (slmops always makes inputs with rank-0 defaults).
+FINETUNE_IGNORED = frozenset({"device_map", "allow_tf32", "ephemeral_gpu_offload", "compute_dtype",
+                              "save_quant_config"})
+EXPORT_IGNORED = frozenset({"target_opset", "save_as_external_data", "all_tensors_to_one_file"})
+EXTRACT_IGNORED = EXPORT_IGNORED | {"adapter_type", "make_inputs", "dynamic_lora_r", "optional_inputs",
+                                    "save_format"}
+
+OTHER_TYPES: dict[str, PassType] = {
+    "MergeAdapterWeights": PassType(MergeOptions, merge),
+    "ModelBuilder": PassType(ExportOptions, export, EXPORT_NEEDS, EXPORT_IGNORED),
+    "OnnxConversion": PassType(ExportOptions, export, EXPORT_NEEDS, EXPORT_IGNORED),
+    "OnnxQuantization": PassType(ExportOptions, export, EXPORT_NEEDS, EXPORT_IGNORED, {"precision": "int8"}),
+    "ExtractAdapters": PassType(ExtractAdaptersOptions, extract_adapters, EXPORT_NEEDS, EXTRACT_IGNORED),
+    "Evaluate": PassType(EvaluateOptions, evaluate, (("sacrebleu", "sacrebleu>=2.4"),
+                                                     ("rouge_score", "rouge-score>=0.1.2"))),
 }
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def pass_types() -> dict[str, PassType]:
+    """Every pass type by name: one fine-tuning type per registered method, then the others."""
+    return {**{m.pass_type: PassType(FinetuneOptions, finetune, (("bitsandbytes", "bitsandbytes>=0.45"),)
+                                     if m.quantized else (), FINETUNE_IGNORED, {"method": m.name})
+               for m in METHODS.values()}, **OTHER_TYPES}
+
+
+def is_finetune(pass_type: str) -> bool:
+    kind = pass_types().get(pass_type)
+    return kind is not None and kind.options is FinetuneOptions
+
+
+@dataclass
+class PassPlan:
+    """A pass as loaded: its type, its validated options and its folder."""
+    type: str
+    options: Any
+    folder: Path
+    owned: bool  # the folder is the engine's (OUTPUT_DIR/NAME), not an output_path the user named
+    callbacks: tuple = ()  # a fine-tuning pass's extra TrainerCallbacks (the Python API takes them)
+
+
+@dataclass
+class Workflow:
+    """A validated workflow: the input model, the passes in order, and the search over the first
+    fine-tuning pass when there is one. Built from a file (`slmops.workflow.reading`) or by a command."""
+    model: ModelRef
+    passes: dict[str, PassPlan]
+    output_dir: Path
+    trust_remote_code: bool = False
+    search: Any = None  # the file's search_strategy
+    space: dict[str, Any] = field(default_factory=dict)  # its search_space
+    source: str | None = None  # the file it came from
+
+    @classmethod
+    def single(cls, name: str, pass_type: str, options: Any, model: ModelRef, callbacks: tuple = ()) -> Workflow:
+        """What a command (`finetune`, `auto-opt`, `generate-adapter`) runs: one pass into its --output_path."""
+        folder = Path(options.output_path).expanduser()
+        return cls(model, {name: PassPlan(pass_type, options, folder, False, tuple(callbacks))}, folder.parent,
+                   bool(getattr(options, "trust_remote_code", False)))
+
+    def searched_pass(self) -> str | None:
+        """The pass a search_strategy searches: the first fine-tuning pass."""
+        if self.search is None:
+            return None
+        return next((n for n, p in self.passes.items() if is_finetune(p.type)), None)

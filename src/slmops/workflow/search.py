@@ -19,10 +19,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from slmops.artifacts.folders import read_json, write_json
 from slmops.errors import UsageError
-from slmops.outputs import write_json
-from slmops.workflow.schema import ALIASES, Dimension, FinetunePass
-from slmops.workflow.passes import ModelRef, Step, finetune, read_json, trained_model
+from slmops.options.fields import olive_names
+from slmops.options.finetune_options import FinetuneOptions
+from slmops.workflow.reading import ALIASES
+from slmops.workflow.passes import ModelRef, Step, Workflow, finetune, trained_model
+from slmops.workflow.schema import Dimension
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,10 @@ class Pruning(TrainerCallback):
             control.should_training_stop = True
 
 
-def search(step: Step) -> ModelRef:
+def search(step: Step, wf: Workflow) -> ModelRef:
     import optuna
 
-    wf = step.workflow
-    strategy, space = wf.spec.search_strategy, wf.spec.search_space
+    strategy, space = wf.search, wf.space
     step.out.mkdir(parents=True, exist_ok=True)
     storage = _storage(optuna, strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
                        {"connect_args": {"timeout": 120}} if not strategy.storage else {})
@@ -69,8 +71,8 @@ def search(step: Step) -> ModelRef:
         trial.set_user_attr("folder", str(folder))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = Pruning(trial, metric)
-        settings = _with(step.settings, params, strategy.pruning)
-        finetune(Step(step.name, step.type, settings, wf, step.model, folder, True, callbacks=(pruning,)))
+        options = _with(step.options, params, strategy.pruning)
+        finetune(Step(step.name, step.type, options, step.model, folder, True, callbacks=(pruning,)))
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
         if pruning.pruned:
             raise optuna.TrialPruned()
@@ -132,24 +134,18 @@ def summary(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def _with(settings: FinetunePass, params: dict[str, Any], pruning: bool) -> FinetunePass:
-    """The pass's settings with a trial's values (and evaluations during training, to prune on)."""
-    values = settings.model_dump(exclude_none=True)
-    training_args = dict(values.pop("training_args", {}))
+def _with(options: FinetuneOptions, params: dict[str, Any], pruning: bool) -> FinetuneOptions:
+    """The pass's options with a trial's values (and evaluations during training, to prune on)."""
+    values, ours = options.model_dump(), olive_names(FinetuneOptions)
     for name, value in params.items():
-        name = ALIASES.get(name, name)
+        name = ours.get(name, ALIASES.get(name, name))
         if name in ("target_modules", "modules_to_save") and isinstance(value, str):
             value = value.split(",")
-        field = next((f for f, info in FinetunePass.model_fields.items() if name in (f, info.alias)), None)
-        if field is not None:
-            values[field] = value
-        else:
-            training_args[name] = value
-            values.pop(name, None)
-    given = {**values, **training_args}
+        values[name] = value
+    given = {**values, **values["training_args"]}
     if pruning and "eval_strategy" not in given and "eval_steps" not in given:
-        training_args.update(eval_strategy="steps", eval_steps=0.25)  # four evaluations a trial
-    return FinetunePass.model_validate({**values, "training_args": training_args})
+        values["training_args"] = {**values["training_args"], "eval_strategy": "steps", "eval_steps": 0.25}
+    return FinetuneOptions.build(**values)
 
 
 def _storage(optuna: Any, url: str, engine_kwargs: dict) -> Any:

@@ -10,17 +10,18 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from io import StringIO
 from pathlib import Path
 from typing import Any, Iterable
 
+from slmops.artifacts.folders import write_text
 from slmops.errors import UsageError, first_line
 
 OVERFIT_EVALS = 3  # validation loss rising over the last 3 evaluations while training loss falls: overfitting
 DIVERGE_RATIO = 1.5  # a last training loss above 1.5x the first: divergence
 TRUNCATION_SHARE = 0.05  # more than 5% of a split's rows cut at --max_seq_len: the model misses their ends
 IMBALANCE_RATIO = 10  # the label imbalance at which `finetune` itself warns
+FORGETTING_RATIO = 1.5  # general-text perplexity rising more than this: forgetting (finetune warns too)
 
 Series = list[tuple[float, float]]
 # title, x axis, y axis, the curves drawn together
@@ -44,15 +45,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if not target.parent.is_dir():
         raise UsageError(f"--output {target}: the folder {target.parent} does not exist; create it or choose "
                          f"another path")
-    page = render(manifest, events)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    return write_text(target, render(manifest, events))
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -140,11 +133,9 @@ def _data_warnings(data: dict) -> list[str]:
 
 
 def _run_warnings(results: dict) -> list[str]:
-    from slmops.evaluation.forgetting import WARN_RATIO
-
     found = []
     forgetting, pre = results.get("forgetting") or {}, results.get("preflight") or {}
-    if (forgetting.get("ratio") or 0) > WARN_RATIO:
+    if (forgetting.get("ratio") or 0) > FORGETTING_RATIO:
         found.append(f"forgetting: perplexity on general English rose {_fmt(forgetting['ratio'])}x "
                      f"({_fmt(forgetting.get('reference_perplexity_before'))} -> "
                      f"{_fmt(forgetting.get('reference_perplexity_after'))}); lower --learning_rate or "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import resource
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from slmops.artifacts.folders import write_json
 
 PACKAGES = ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "bitsandbytes",
             "onnx", "onnxruntime", "onnxruntime-genai")
@@ -56,4 +57,4 @@ def write_manifest(path: Path, command: str, options: dict, resolved: dict, data
         "versions": versions(),
         "hardware": hardware(),
     }
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(path, manifest)

@@ -1,4 +1,5 @@
-"""`slmops evaluate`: render the data as `finetune` does, decide the task, ask a backend, compute metrics.
+"""`slmops evaluate` and the Evaluate pass: render the data as `finetune` does, decide the task, ask a
+backend, compute metrics, write results.json and manifest.json.
 
 A response field with a few repeating values is a label, and the model is asked which label fits
 (by likelihood, or by greedy generation); anything else is a generation task scored against the
@@ -9,9 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,18 +18,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from slmops.config import DataConfig
-from slmops.data import MAX_STRATIFY_CLASSES, _drop_empty
+from slmops.artifacts.folders import publish, work_dir, write_json
+from slmops.artifacts.manifest import hardware, versions, write_manifest
 from slmops.data.formatting import Template
+from slmops.data.prepare import MAX_STRATIFY_CLASSES, drop_empty
 from slmops.data.sources import load_split
 from slmops.errors import UsageError
 from slmops.evaluation import metrics as M
-from slmops.evaluation.backends import Backend, base_model_of, load_backend
-from slmops.export.runtime import is_genai_folder
-from slmops.generation import adapter_dir
-from slmops.manifest import hardware, versions
+from slmops.evaluation.backends import Backend, load_backend
+from slmops.models.adapters import adapter_dir, base_model_of
+from slmops.models.genai import is_genai_folder
+from slmops.options.evaluate_options import EvaluateOptions
 
-PREDICT = ("likelihood", "generate")
 NEEDS_RESPONSE = ("accuracy", "f1", "exact_match", "perplexity", "bleu", "rouge")
 NEEDS_PREDICTIONS = ("accuracy", "f1", "exact_match", "bleu", "rouge", "throughput")
 DEFAULTS = {"classification": ("accuracy", "f1"), "generation": ("exact_match", "bleu", "rouge"),
@@ -52,39 +50,27 @@ class EvalData:
     fingerprint: str
 
 
-def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = None,
-             metrics: Sequence[str] | str | None = None, predict: str = "likelihood", batch_size: int = 16,
-             max_new_tokens: int | None = None, progress: bool = True, **data: Any) -> dict[str, Any]:
-    """Score a model (plus adapter) on one split; `data` takes `slmops.config.DataConfig`'s options and
-    the split is `eval_split`, else `train_split` (by default all rows of a file).
-
-    Returns what results.json holds, so runs on other backends or other days compare side by side.
-    """
+def evaluate(opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
+    """Score a model (plus adapter) on one split: `eval_split`, else `train_split` (by default all rows of a
+    file). Returns what results.json holds, so runs on other backends or other days compare side by side."""
     start = time.perf_counter()
-    wanted = _check_metrics(metrics)
-    if predict not in PREDICT:
-        raise UsageError(f"--predict must be one of {', '.join(PREDICT)}, got {predict!r}")
-    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {value}")
+    model_name_or_path, adapter_path = opts.model_name_or_path, opts.adapter_path
     onnx = model_name_or_path is not None and is_genai_folder(model_name_or_path)
     adapter = adapter_dir(adapter_path) if adapter_path and not onnx else None  # an ONNX folder's is a name
     if model_name_or_path is None:
-        if adapter is None:
-            raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
         model_name_or_path = base_model_of(adapter)
-    cfg = DataConfig.build(model_name_or_path=model_name_or_path, **data)
-    split = cfg.eval_split or cfg.train_split
-    ev = load_data(cfg, split)
-    wanted = wanted or list(DEFAULTS[ev.task])
+    split = opts.eval_split or opts.train_split
+    ev = load_data(opts, split)
+    wanted = opts.metrics or list(DEFAULTS[ev.task])
     _check_task(wanted, ev)
+    predict, batch_size = opts.predict, opts.batch_size
 
-    backend = load_backend(model_name_or_path, adapter, cfg.trust_remote_code, adapter_path if onnx else None)
+    backend = load_backend(model_name_or_path, adapter, opts.trust_remote_code, adapter_path if onnx else None)
     values: dict[str, Any] = {}
     out: dict[str, Any] = {"model": model_name_or_path, "adapter": str(adapter) if adapter else adapter_path,
                            "backend": backend.name, "task": ev.task, "labels": ev.labels or None}
     if ev.task != "text":
-        mode, prompts, request, new_tokens = _requests(backend, ev, predict, max_new_tokens)
+        mode, prompts, request, new_tokens = _requests(backend, ev, predict, opts.max_new_tokens)
         out["predict"] = mode
         if new_tokens:
             out["max_new_tokens"] = new_tokens
@@ -105,8 +91,8 @@ def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = N
         values["throughput_tokens_per_s"] = M.throughput(sum(backend.count_tokens(prompts + written)), seconds)
     wall = time.perf_counter() - start
     return {**out, "metrics": values,
-            "data": {"data_name": cfg.data_name, "data_files": cfg.data_files, "split": split,
-                     "text_template": cfg.text_template, "text_field": cfg.text_field,
+            "data": {"data_name": opts.data_name, "data_files": opts.data_files, "split": split,
+                     "text_template": opts.text_template, "text_field": opts.text_field,
                      "rows": len(ev.prompts or ev.texts), "fingerprint": ev.fingerprint},
             "options": {"metrics": wanted, "batch_size": batch_size},
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall, 1),
@@ -114,7 +100,7 @@ def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = N
             "hardware": hardware()}
 
 
-def load_data(cfg: DataConfig, split: str) -> EvalData:
+def load_data(cfg: EvaluateOptions, split: str) -> EvalData:
     """The split's rows, rendered with the template; the task follows from the response's values."""
     if cfg.use_chat_template:
         raise UsageError("evaluate takes --text_template (or --text_field, for perplexity only); "
@@ -125,14 +111,14 @@ def load_data(cfg: DataConfig, split: str) -> EvalData:
         if cfg.text_field not in columns:
             raise UsageError(f"--text_field: column {cfg.text_field!r} not in the data; fields present: "
                              f"{', '.join(columns)}")
-        texts = [str(t) for t in _first(_drop_empty(rows, [cfg.text_field], split), cfg.max_samples)[cfg.text_field]]
+        texts = [str(t) for t in _first(drop_empty(rows, [cfg.text_field], split), cfg.max_samples)[cfg.text_field]]
         return EvalData("text", [], [], texts, [], "", "", _fingerprint(texts))
     template = Template.parse(cfg.text_template or "")
     response = template.response_field
     if any(f not in columns and f != response for f in template.fields):
         template.check_columns(columns)  # raises, naming every missing field
     labelled = response in columns
-    rows = _drop_empty(rows, [f for f in dict.fromkeys(template.fields) if f in columns], split)
+    rows = drop_empty(rows, [f for f in dict.fromkeys(template.fields) if f in columns], split)
     classes = sorted(set(map(str, rows[response]))) if labelled else []
     classification = 0 < len(classes) <= MAX_STRATIFY_CLASSES and len(classes) < len(rows)
     rows = _first(rows, cfg.max_samples)
@@ -144,28 +130,26 @@ def load_data(cfg: DataConfig, split: str) -> EvalData:
                     classes if classification else [], response, stop, _fingerprint(texts or prompts))
 
 
-def save_results(results: dict[str, Any], path: str) -> Path:
-    """Write JSON atomically (temp file + rename): a crash never leaves a half-written results.json."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2, default=str)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
+def evaluate_and_save(opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
+    """Evaluate, then write the results where --output_path says (`save_results`)."""
+    results = evaluate(opts, progress)
+    if opts.output_path:
+        save_results(results, opts)
+    return results
 
 
-def _check_metrics(metrics: Sequence[str] | str | None) -> list[str]:
-    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics or []) if m.strip()]
-    unknown = [m for m in names if m not in M.KNOWN]
-    if unknown:
-        raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown)}; known: {','.join(M.KNOWN)}")
-    return list(dict.fromkeys(names))
+def save_results(results: dict[str, Any], opts: EvaluateOptions) -> Path:
+    """OUT/results.json and OUT/manifest.json, published whole; a path ending in .json gets the results
+    file alone (written atomically), for `--compare` tables."""
+    out = Path(opts.output_path).expanduser()
+    if out.suffix == ".json":
+        return write_json(out, results)
+    work = work_dir(out)
+    write_json(work / "results.json", results)
+    write_manifest(work / "manifest.json", "evaluate", opts.model_dump(), {}, results["data"],
+                   {"metrics": results["metrics"]})
+    publish(work, out)
+    return out
 
 
 def _check_task(wanted: list[str], ev: EvalData) -> None:

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
-from importlib.resources import files
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from slmops.artifacts.report import FORGETTING_RATIO
+from slmops.data.reference import reference_text
+
 log = logging.getLogger(__name__)
-
-WARN_RATIO = 1.5  # warn when the reference perplexity rises by more than this factor
-
-
-def reference_text() -> str:
-    return files("slmops.evaluation").joinpath("reference.txt").read_text(encoding="utf-8")
 
 
 @torch.no_grad()
@@ -48,7 +44,7 @@ def reference_perplexity(model: Any, tokenizer: Any, window: int = 512) -> float
 def compare(before: float, after: float) -> dict[str, float]:
     """The manifest entry; warns when general text got much harder for the model."""
     ratio = after / before
-    if ratio > WARN_RATIO:
+    if ratio > FORGETTING_RATIO:
         log.warning("perplexity on general text rose %.1fx (%.1f -> %.1f): the model may be forgetting what it "
                     "knew; lower --learning_rate or --num_train_epochs, or use a smaller --lora_r", ratio,
                     before, after)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from slmops.training.efficiency import supervised_logits
+from slmops.training.speed.logits import supervised_logits
 
 
 def response_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
