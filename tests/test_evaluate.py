@@ -224,3 +224,18 @@ def test_bad_input_is_one_line_exit_2(tiny_llama, tokenizer_dir, models_root, ad
     fails(["-m", str(onnx)], "onnxruntime_genai cannot load")
     fails(["--compare", str(tiny_llama)], "--compare names every run itself")
     fails(["--compare", str(tmp_path / "none.json")], "results file not found", argv=["evaluate"])
+
+
+def test_cli_and_the_evaluate_pass_share_one_output_layout(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "dev.jsonl", sentiment_rows(6, seed=2))
+    out = tmp_path / "scores"
+    assert main(["evaluate", "-m", str(tiny_llama), "-d", str(data), "--text_template", TEMPLATE, "--metrics",
+                 "accuracy", "-o", str(out), "--log_level", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["command"] == "evaluate" and manifest["results"]["metrics"] == results["metrics"]
+    assert manifest["options"]["metrics"] == ["accuracy"] and not (tmp_path / "scores.partial").exists()
+    capsys.readouterr()
+    assert main(["evaluate", "--compare", str(out), str(out / "results.json")]) == 0  # a folder or its file
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("accuracy")).split()
+    assert row[1] == row[2] == f"{results['metrics']['accuracy']:.4f}"

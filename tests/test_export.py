@@ -194,7 +194,7 @@ def test_int4_multi_adapter_keeps_lora_inputs_float(tiny_llama, adapters, tmp_pa
     import onnx
 
     # A random tiny model's logits are nearly flat, so int4 flips its argmax by chance; the int4 gate is
-    # measured on SmolLM2 (docs/benchmarks.md). This test is about the graph.
+    # measured on SmolLM2 (docs/speed.md). This test is about the graph.
     monkeypatch.setitem(parity.THRESHOLDS, "int4", {"top1_agreement": 0.0, "perplexity_ratio": 2.0})
     out = tmp_path / "multi4"
     assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths", str(adapters[0]),

@@ -66,8 +66,9 @@ def auto_opt(opts: ExportOptions) -> Path:
         items, origin = parity.probes(tokenizer, source.manifest, opts.parity_prompts)
         result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
         parity.write(work, [result])
-        write_manifest(work / "manifest.json", "auto-opt", {**opts.model_dump(), "provider": opts.execution_provider},
-                       {"base_model": source.base, "exporter": used, "adapter": str(source.adapter) if source.adapter else None,
+        adapter = str(source.adapter) if source.adapter else None
+        write_manifest(work / "manifest.json", "auto-opt", {**opts.model_dump(), "provider": opts.execution_provider}, {
+            "base_model": source.base, "exporter": used, "adapter": adapter,
             "adapter_merged": source.adapter is not None and not unmerged,
             "adapter_float_beside_int4_base": unmerged}, {}, {
             "parity": result, "export_seconds": round(built - started, 2),

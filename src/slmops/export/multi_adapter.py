@@ -223,7 +223,8 @@ def generate_adapter(opts: ExtractAdaptersOptions) -> Path:
         shapes = _make_inputs(work, mapping)
         (work / "adapters").mkdir()
         for adapter in adapters:
-            _write_adapter(_adapter_params(adapter, mapping, shapes), work / "adapters" / f"{adapter.name}{ADAPTER_SUFFIX}")
+            _write_adapter(_adapter_params(adapter, mapping, shapes),
+                           work / "adapters" / f"{adapter.name}{ADAPTER_SUFFIX}")
         results = _check_all(base, base_path, adapters, GenaiModel(work), precision, opts.parity_prompts,
                              trust_remote_code)
         parity.write(work, results)
