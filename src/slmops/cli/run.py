@@ -81,6 +81,8 @@ def _installed(module: str) -> bool:
 
 
 def _plan_table(wf, steps: list[dict]) -> str:
+    from slmops.options.fields import fields_in
+
     lines = [f"workflow {wf.source}: model {wf.model.describe()}; run folder {wf.output_dir}"]
     if wf.search is not None:
         s = wf.search
@@ -89,7 +91,8 @@ def _plan_table(wf, steps: list[dict]) -> str:
         status = "reuse (unchanged)" if step["done"] else "run"
         lines.append(f"  {i}. {step['name']:<16} {step['type']:<20} {status:<18} -> {step['folder']}")
         options = wf.passes[step["name"]].options
-        settings = options.model_dump(exclude_defaults=True, exclude_none=True)
+        shown = set(fields_in(type(options), "model", "data")) | {"output_path"}  # the model, data and folder: above
+        settings = options.model_dump(exclude_defaults=True, exclude_none=True, exclude=shown)
         if settings:
             lines.append(f"     {settings}")
     return "\n".join(lines)

@@ -192,8 +192,8 @@ class RunLoss(TrainerCallback):
                                                         "loss_sum": self.loss_sum()}))
 
     def whole_run(self, trainer_loss: float, global_step: int) -> float:
-        """The Trainer's figure for an uninterrupted run; after a resume, the same over every step."""
+        """The Trainer's figure for an uninterrupted run; after a resume, the mean over every step from the
+        sums kept here (transformers versions differ in what their figure averages after a resume)."""
         if not self.prior_steps:
             return trainer_loss
-        session_steps = global_step - self.prior_steps
-        return (self.prior_sum + trainer_loss * session_steps) / max(global_step, 1)
+        return self.loss_sum() / max(global_step, 1)
