@@ -73,6 +73,9 @@ def test_output_folder_manifest_and_merge(tiny_llama, sentiment_file, tmp_path):
     assert len(manifest["data"]["fingerprint"]) == 64
     assert manifest["results"]["eval_loss"] > 0 and manifest["results"]["tokens_per_second"] > 0
     assert manifest["versions"]["peft"] and manifest["results"]["peak_rss_mb"] > 0
+    # the Python API runs through the engine, as the command and a workflow file do: the pass is recorded
+    record = json.loads((out / "pass.json").read_text())
+    assert record["type"] == "LoRA" and record["output_model"]["adapter"] == str(out / "adapter")
     # merged model answers exactly like base + adapter
     from peft import PeftModel
     tok = AutoTokenizer.from_pretrained(out / "adapter")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slmops.artifacts.folders import read_json
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
 from slmops.models.loading import load_model, resolve
@@ -26,12 +26,9 @@ class Source:
 
 
 def run_manifest(folder: Path) -> dict | None:
-    path = folder / "manifest.json"
-    if path.is_file():
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        if manifest.get("command") == "finetune":
-            return manifest
-    return None
+    """The manifest of the `slmops finetune` run that wrote `folder`, if it is one."""
+    manifest = read_json(folder / "manifest.json")
+    return manifest if isinstance(manifest, dict) and manifest.get("command") == "finetune" else None
 
 
 def find_source(model_name_or_path: str | None, adapter_path: str | None) -> Source:

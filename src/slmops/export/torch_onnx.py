@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from slmops.artifacts.folders import write_json
 from slmops.errors import UsageError, first_line
 from slmops.export.builder import output_to
 
@@ -209,4 +209,4 @@ def write_genai_config(model: nn.Module, out_dir: Path, layers: int, kv_heads: i
                    "num_return_sequences": 1, "top_k": 50, "top_p": 1.0, "temperature": 1.0,
                    "repetition_penalty": 1.0, "early_stopping": True, "min_length": 0},
     }
-    (out_dir / "genai_config.json").write_text(json.dumps(genai, indent=4), encoding="utf-8")
+    write_json(out_dir / "genai_config.json", genai)

@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from slmops.artifacts.folders import read_json, write_json
+
 
 class MetricsLog(TrainerCallback):
     """Append every log event to metrics.jsonl with wall time and non-padding tokens/s."""
@@ -170,8 +172,7 @@ class RunLoss(TrainerCallback):
 
     def bind(self, trainer: Any, resume: str | None) -> None:
         """Count every step `trainer` takes; `resume` is the checkpoint it continues from, if any."""
-        saved = json.loads((Path(resume) / self.FILE).read_text()) if resume and (Path(resume) / self.FILE).is_file() \
-            else {}
+        saved = (read_json(Path(resume) / self.FILE) if resume else None) or {}
         self.prior_sum, self.prior_steps = float(saved.get("loss_sum", 0.0)), int(saved.get("global_step", 0))
         step = trainer.training_step
 
@@ -188,8 +189,7 @@ class RunLoss(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / self.FILE).write_text(json.dumps({"global_step": state.global_step,
-                                                        "loss_sum": self.loss_sum()}))
+            write_json(folder / self.FILE, {"global_step": state.global_step, "loss_sum": self.loss_sum()})
 
     def whole_run(self, trainer_loss: float, global_step: int) -> float:
         """The Trainer's figure for an uninterrupted run; after a resume, the mean over every step from the
