@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, base_model_of
 from slmops.options.evaluate_options import EvaluateOptions
 from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
@@ -50,6 +51,9 @@ def generate_adapter(**options: Any) -> Path:
     """One ONNX base model plus one .onnx_adapter file per LoRA adapter; returns the folder."""
     save_config_file = options.pop("save_config_file", None)
     opts = ExtractAdaptersOptions.build(**options)
+    if not opts.adapter_paths:
+        raise UsageError("--adapter_paths: give one or more adapter folders (or finetune output folders), "
+                         "comma-separated")
     run_command(Workflow.single("export", "ExtractAdapters", opts, ModelRef(opts.base_model_path)), save_config_file)
     return Path(opts.output_path).expanduser()
 

@@ -54,8 +54,14 @@ def add_options(parser: argparse.ArgumentParser, model: type[BaseModel], hidden:
         kwargs["help"] = argparse.SUPPRESS if name in hidden else help_text(info)
         if m["metavar"]:
             kwargs["metavar"] = m["metavar"]
-        group.add_argument(*m["flags"], f"--{name}", dest=name, default=argparse.SUPPRESS,
+        group.add_argument(*spellings(name, m["flags"]), dest=name, default=argparse.SUPPRESS,
                            required=info.is_required(), **kwargs)
+
+
+def spellings(name: str, flags: list[str]) -> list[str]:
+    """An option's flags: the short ones (-m), then --name, then other spellings (--overwrite_output_dir)."""
+    short = [f for f in flags if not f.startswith("--")]
+    return [*short, f"--{name}", *(f for f in flags if f.startswith("--"))]
 
 
 SWITCHES = ("command", "action", "log_level", "save_config_file")  # the command's own, not options

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from slmops.cli.flags import flag_kind
+from slmops.cli.flags import flag_kind, spellings
 from slmops.options.evaluate_options import EvaluateOptions
 from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
 from slmops.options.fields import GROUPS, meta
@@ -51,7 +51,7 @@ def render() -> str:
             m = meta(info)
             if not m["cli"] or name in hidden:
                 continue
-            flags = ", ".join(f"`{f}`" for f in (*m["flags"], f"--{name}"))
+            flags = ", ".join(f"`{f}`" for f in spellings(name, m["flags"]))
             default = "required" if info.is_required() else f"`{info.default}`" if info.default not in (None, [], {}) \
                 else ""
             parts.append(f"| {flags} | {_value(info)} | {default} | {info.alias or ''} | "
