@@ -25,36 +25,36 @@ from slmops.workflow.passes import ModelRef, Workflow
 log = logging.getLogger(__name__)
 
 
-def finetune(callbacks: Sequence[Any] = (), **options: Any) -> Path:
+def finetune(callbacks: Sequence[Any] = (), save_config_file: str | None = None, **options: Any) -> Path:
     """Fine-tune a model; returns the output folder. Options are `slmops finetune`'s flags, and any
     Hugging Face TrainingArguments name: `finetune(model_name_or_path=..., data_name=...,
     text_template=..., output_path=..., max_steps=100, learning_rate=1e-4)`; `callbacks` are extra
-    TrainerCallbacks."""
-    save_config_file = options.pop("save_config_file", None)
+    TrainerCallbacks; `save_config_file` also writes the workflow file that reruns it."""
     opts = FinetuneOptions.build(**options)
-    wf = Workflow.single("finetune", METHODS[opts.method].pass_type, opts, ModelRef(opts.model_name_or_path),
-                         tuple(callbacks))
-    run_command(wf, save_config_file)
-    return Path(opts.output_path).expanduser()
+    model = ModelRef(opts.model_name_or_path)
+    return _one_pass("finetune", METHODS[opts.method].pass_type, opts, model, save_config_file, callbacks)
 
 
-def auto_opt(**options: Any) -> Path:
+def auto_opt(save_config_file: str | None = None, **options: Any) -> Path:
     """Export a model (plus adapter) to an ONNX Runtime GenAI folder checked for parity; returns it."""
-    save_config_file = options.pop("save_config_file", None)
     opts = ExportOptions.build(**options)
     base = opts.model_name_or_path or base_model_of(adapter_dir(opts.adapter_path))  # `auto-opt -a ADAPTER`
-    run_command(Workflow.single("export", "ModelBuilder", opts, ModelRef(base, opts.adapter_path)), save_config_file)
-    return Path(opts.output_path).expanduser()
+    return _one_pass("export", "ModelBuilder", opts, ModelRef(base, opts.adapter_path), save_config_file)
 
 
-def generate_adapter(**options: Any) -> Path:
+def generate_adapter(save_config_file: str | None = None, **options: Any) -> Path:
     """One ONNX base model plus one .onnx_adapter file per LoRA adapter; returns the folder."""
-    save_config_file = options.pop("save_config_file", None)
     opts = ExtractAdaptersOptions.build(**options)
     if not opts.adapter_paths:
         raise UsageError("--adapter_paths: give one or more adapter folders (or finetune output folders), "
                          "comma-separated")
-    run_command(Workflow.single("export", "ExtractAdapters", opts, ModelRef(opts.base_model_path)), save_config_file)
+    return _one_pass("export", "ExtractAdapters", opts, ModelRef(opts.base_model_path), save_config_file)
+
+
+def _one_pass(name: str, pass_type: str, opts: Any, model: ModelRef, save_config_file: str | None,
+              callbacks: Sequence[Any] = ()) -> Path:
+    """A command's single pass, written into its --output_path by the engine."""
+    run_command(Workflow.single(name, pass_type, opts, model, tuple(callbacks)), save_config_file)
     return Path(opts.output_path).expanduser()
 
 

@@ -30,10 +30,6 @@ def register(name: str, pass_type: str, learning_rate: float, build: Builder | N
     METHODS[name] = Method(name, pass_type, learning_rate, build, quantized)
 
 
-def by_pass_type() -> dict[str, Method]:
-    return {m.pass_type: m for m in METHODS.values()}
-
-
 def _lora(opts: Any, targets: list[str], model: Any, **extra: Any) -> Any:
     from peft import LoraConfig
     return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
