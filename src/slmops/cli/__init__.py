@@ -61,12 +61,12 @@ def setup_logging(level: int) -> None:
 
 def build_parser(chosen: str | None = None) -> tuple[Parser, dict[str, Callable[[argparse.Namespace], int]]]:
     """Every command's parser; only `chosen` gets its TrainingArguments flags (importing them costs seconds)."""
-    from slmops.cli import data, evaluate, export, finetune, generate, models, report, run
+    from slmops.cli import data, evaluate, export, finetune, generate, models, report, run, serve
 
     parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    for module in (finetune, generate, models, data, report, evaluate, export, run):
+    for module in (finetune, generate, models, data, report, evaluate, export, run, serve):
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
     return parser, handlers
 

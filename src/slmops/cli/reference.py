@@ -15,6 +15,7 @@ from slmops.options.fields import GROUPS, meta
 from slmops.options.finetune_options import DataOptions, FinetuneOptions
 from slmops.options.generate_options import GenerateOptions
 from slmops.options.methods import METHODS
+from slmops.options.serve_options import ServeOptions
 
 COMMANDS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("finetune", FinetuneOptions, "Also every Hugging Face `TrainingArguments` flag (`--learning_rate`, "
@@ -24,6 +25,7 @@ COMMANDS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("auto-opt", ExportOptions, ""),
     ("generate-adapter", ExtractAdaptersOptions, ""),
     ("generate", GenerateOptions, ""),
+    ("serve", ServeOptions, "MODEL may also be given first, without a flag: `slmops serve MODEL`."),
 )
 HEAD = """# Command-line reference
 

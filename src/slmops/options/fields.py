@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from slmops.errors import UsageError
 
 GROUPS = {"model": "model", "data": "data", "method": "method", "export": "export", "evaluation": "evaluation",
-          "generation": "generation", "run": "run"}
+          "generation": "generation", "server": "server", "limits": "limits", "run": "run"}
 
 
 def option(default: Any = ..., help: str = "", *, olive: str | None = None, flags: tuple[str, ...] = (),
