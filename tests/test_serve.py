@@ -49,6 +49,8 @@ def server(*args: str):
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
+    log = proc.stdout.read()
+    assert "Traceback" not in log and "batch failed" not in log, log[-3000:]
 
 
 def post(url: str, path: str, body: bytes | dict, key: str | None = None) -> tuple[int, dict | str]:
@@ -129,6 +131,41 @@ def test_mixed_adapters_batched_answer_as_each_alone(live):
     after = _batch_counts(url)
     assert after[1] - before[1] < after[0] - before[0]  # some batch held more than one request
     assert len(set(alone)) > 1  # the adapters answer differently: the rows were not all one model
+
+
+def test_requests_join_a_running_batch_and_answer_as_alone(tiny_llama, adapters):
+    """In process, so the timing is exact: three requests wait while a long one decodes; they join its batch
+    after its first step, and every answer is token for token the one it gets alone."""
+    from slmops.serving.pool import ModelPool
+    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.telemetry import Telemetry
+
+    pool = ModelPool(str(tiny_llama), "base")
+    for name in ("tone", "mood"):
+        pool.load(name, str(adapters[name]))
+    tok = pool.tokenizer
+
+    def job(adapter: str, prompt: str, tokens: int) -> Job:
+        return Job(adapter, adapter if adapter != "base" else "__base__", tok(prompt)["input_ids"], tokens,
+                   ignore_eos=True)
+
+    def answer(j: Job) -> list[int]:
+        assert j.events.get_nowait()[0] in ("text", "end")
+        return j.generated
+
+    plan = [("mood", PROMPTS[2], 30), ("tone", PROMPTS[0], 10), ("base", PROMPTS[3], 7), ("mood", PROMPTS[1], 9)]
+    scheduler = Scheduler(pool, Telemetry(), max_batch=4, max_queue=8)
+    alone = []
+    for p in plan:
+        j = job(*p)
+        scheduler._decode([j])
+        alone.append(answer(j))
+    together = [job(*p) for p in plan]
+    for j in together[1:]:
+        scheduler.submit(j)  # waiting while the first decodes
+    scheduler._decode(together[:1])
+    assert [answer(j) for j in together] == alone
+    assert scheduler.telemetry.registry.get_sample_value("slmops_batch_joins_total") == 3 and [len(a) for a in alone] == [30, 10, 7, 9]
 
 
 def _batch_counts(url: str) -> tuple[float, float]:

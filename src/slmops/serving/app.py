@@ -298,7 +298,7 @@ def _job(req: Sampling, prompt: list[int], pool: ModelPool, opts: ServeOptions) 
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; at most {limit} fit with max_tokens {wanted} "
                             f"(context {pool.context})", param="messages")
     return Job(req.model, adapter, prompt, wanted, req.temperature, req.top_p, req.seed, req.stops(),
-               deadline=time.perf_counter() + opts.request_timeout)
+               req.ignore_eos, deadline=time.perf_counter() + opts.request_timeout)
 
 
 async def _adapter_call(fn: Any, *args: Any) -> None:

@@ -1,10 +1,11 @@
 """Requests decoded together: one forward pass a step for every request in the batch, whatever its adapter.
 
 peft applies each row's own LoRA adapter inside the one forward (`adapter_names`, its mixed-batch
-inference), so requests for different adapters share every batch step. Prompts are left-padded and
-each row keeps its own positions, so a request's greedy output is the one it gets alone. A request
-that ends (its stop, EOS, max_tokens, a disconnect or its deadline) leaves the batch at once: its rows
-are dropped from the KV cache. Requests that arrive while a batch runs wait for the next one.
+inference), so requests for different adapters share every batch step. Continuous batching: between
+two steps, requests that arrived are prefilled (their prompts in one forward) and join the batch, their
+KV cache left-padded to the running one's length; a request that ends (its stop, EOS, max_tokens, a
+disconnect or its deadline) leaves at once, its rows dropped from the cache. Padding is masked and each
+row keeps its own positions, so a request's greedy output is the one it gets alone.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     deadline: float = float("inf")
     events: queue.Queue = field(default_factory=queue.Queue)
     emit: Any = None
@@ -48,6 +50,7 @@ class Job:
     text: str = ""
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
         if self.emit is None:
@@ -85,21 +88,24 @@ class Scheduler:
                 first = self.waiting.get(timeout=0.1)
             except queue.Empty:
                 continue
-            jobs = [first]
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.waiting.get_nowait())
-                except queue.Empty:
-                    break
-            self.telemetry.queue_depth.set(self.waiting.qsize())
-            jobs = [j for j in jobs if not self._gone(j)]
-            if jobs:
-                try:
-                    self._decode(jobs)
-                except Exception as err:  # a bug must fail these requests, not the server
-                    log.exception("batch failed")
-                    for job in jobs:
-                        job.emit(("error", f"the batch failed: {type(err).__name__}: {err}"))
+            jobs = [first, *self._take(self.max_batch - 1)]
+            try:
+                self._decode([j for j in jobs if not self._gone(j)])
+            except Exception as err:  # a bug must fail these requests, not the server
+                log.exception("batch failed")
+                for job in jobs:
+                    job.emit(("error", f"the batch failed: {type(err).__name__}: {err}"))
+
+    def _take(self, room: int) -> list[Job]:
+        """Up to `room` waiting requests, without waiting for more."""
+        jobs: list[Job] = []
+        while len(jobs) < room:
+            try:
+                jobs.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        self.telemetry.queue_depth.set(self.waiting.qsize())
+        return jobs
 
     def _gone(self, job: Job) -> bool:
         if job.cancelled.is_set():
@@ -112,32 +118,47 @@ class Scheduler:
 
     @torch.no_grad()
     def _decode(self, jobs: list[Job]) -> None:
-        self.telemetry.batch_size.observe(len(jobs))
+        """Steps until every request has ended; arrivals join between steps where the cache allows it."""
         with self.pool.lock:
-            model, device = self.pool.model, self.pool.device
-            width = max(len(j.prompt) for j in jobs)
-            pad = self.pool.tokenizer.pad_token_id or 0
-            ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs], device=device)
-            mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=device)
-            generators = [_generator(j.seed) if j.temperature > 0 else None for j in jobs]
-            cache, live = None, list(range(len(jobs)))
-            while live:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                extra = {"adapter_names": [jobs[i].adapter for i in live]} if self.pool.adapters else {}
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, -ids.shape[1]:],
-                            past_key_values=cache, use_cache=True, **extra)
-                cache, logits = out.past_key_values, out.logits[:, -1].float()
-                tokens = [_pick(logits[r], jobs[i], generators[i]) for r, i in enumerate(live)]
-                keep = [r for r, i in enumerate(live) if not self._emit(jobs[i], tokens[r])]
-                if len(keep) < len(live):
-                    index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
-                    mask, tokens = mask[index], [tokens[r] for r in keep]
-                    live = [live[r] for r in keep]
-                if not live:
-                    break
-                ids = torch.tensor([[t] for t in tokens], device=device)
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            batch: Batch | None = None
+            while jobs or batch is not None:
+                if jobs:
+                    self.telemetry.batch_size.observe(len(jobs) + (len(batch.jobs) if batch else 0))
+                    joining = self._prefill(jobs)
+                    if batch is not None:
+                        self.telemetry.joined.inc(len(jobs))
+                    batch = joining if batch is None else batch.join(joining)
+                if batch is not None:
+                    batch = self._step(batch)
+                room = self.max_batch - (len(batch.jobs) if batch else 0)
+                jobs = [j for j in self._take(room) if not self._gone(j)] if room and _joinable(batch) else []
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, jobs: list[Job], cache: Any) -> tuple[Any, Any]:
+        """One forward of the rows (their adapters applied per row): the cache, and each row's next token."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        extra = {"adapter_names": [j.adapter for j in jobs]} if self.pool.adapters else {}
+        out = self.pool.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                              use_cache=True, **extra)
+        logits = out.logits[:, -1].float()
+        return out.past_key_values, [_pick(logits[r], j) for r, j in enumerate(jobs)]
+
+    def _prefill(self, jobs: list[Job]) -> Batch | None:
+        """The new requests' prompts in one forward, left-padded; their first tokens handed out."""
+        width, device = max(len(j.prompt) for j in jobs), self.pool.device
+        pad = self.pool.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs], device=device)
+        mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=device)
+        for job in jobs:
+            job.generator = _generator(job.seed) if job.temperature > 0 else None
+        cache, tokens = self._forward(ids, mask, jobs, None)
+        return Batch(jobs, cache, mask, tokens).keep([not self._emit(j, t) for j, t in zip(jobs, tokens)])
+
+    def _step(self, batch: Batch) -> Batch | None:
+        ids = torch.tensor([[t] for t in batch.tokens], device=self.pool.device)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.jobs), 1)], dim=1)
+        cache, tokens = self._forward(ids, mask, batch.jobs, batch.cache)
+        stepped = Batch(batch.jobs, cache, mask, tokens)
+        return stepped.keep([not self._emit(j, t) for j, t in zip(batch.jobs, tokens)])
 
     def _emit(self, job: Job, token: int) -> bool:
         """Hand the request its next token; True when the request is finished (and told so)."""
@@ -148,7 +169,7 @@ class Scheduler:
         if job.cancelled.is_set() or now > job.deadline:
             job.emit(("end", "cancelled" if job.cancelled.is_set() else "timeout"))
             return True
-        if token in self.eos:
+        if token in self.eos and not job.ignore_eos:
             job.emit(("end", "stop"))
             return True
         job.generated.append(token)
@@ -173,14 +194,66 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
 
 
-def _pick(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -> int:
+def _pick(logits: torch.Tensor, job: Job) -> int:
     """Greedy at temperature 0; otherwise a draw at the temperature within the top_p mass, from the
     request's own generator (a seed gives the same answer again)."""
-    if job.temperature <= 0 or generator is None:
+    if job.temperature <= 0 or job.generator is None:
         return int(logits.argmax())
     probs = torch.softmax(logits.cpu() / job.temperature, dim=-1)
     if job.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs > job.top_p
         probs = probs.scatter(0, order[outside], 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs, 1, generator=job.generator))
+
+
+@dataclass
+class Batch:
+    """The requests being decoded: their KV cache and attention mask (rows left-padded to one length), and
+    the token each feeds in next."""
+    jobs: list[Job]
+    cache: Any
+    mask: torch.Tensor
+    tokens: list[int]
+
+    def keep(self, alive: list[bool]) -> Batch | None:
+        """The batch without the rows that ended (None when none is left)."""
+        if all(alive):
+            return self
+        rows = [r for r, ok in enumerate(alive) if ok]
+        if not rows:
+            return None
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        return Batch([self.jobs[r] for r in rows], self.cache, self.mask[index], [self.tokens[r] for r in rows])
+
+    def join(self, other: Batch | None) -> Batch:
+        """Both batches as one: the shorter one's cache and mask left-padded to the longer's length."""
+        if other is None:
+            return self
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        cache = type(self.cache)()
+        for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
+            cache.update(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
+                         torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]), i)
+        mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(other.mask, length, dim=1)])
+        return Batch(self.jobs + other.jobs, cache, mask, self.tokens + other.tokens)
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    short = length - t.shape[dim]
+    if not short:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _joinable(batch: Batch | None) -> bool:
+    """Whether arrivals can join: a cache of plain per-layer keys and values (sliding-window or other
+    layers keep state that padding would break; their arrivals wait for the next batch)."""
+    if batch is None:
+        return True
+    from transformers import DynamicCache
+    return type(batch.cache) is DynamicCache and all(type(layer).__name__ == "DynamicLayer"
+                                                     for layer in batch.cache.layers)

@@ -20,6 +20,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever comes (load tests)
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

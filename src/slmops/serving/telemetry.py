@@ -18,6 +18,7 @@ class Telemetry:
         self.queue_depth = Gauge("slmops_queue_depth", "requests waiting for a batch", registry=r)
         self.batch_size = Histogram("slmops_batch_size", "requests decoded together", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.joined = Counter("slmops_batch_joins", "requests that joined a batch already decoding", registry=r)
         self.first_token = Histogram("slmops_time_to_first_token_seconds", "queueing and prefill", ["model"],
                                      registry=r, buckets=LATENCY)
         self.per_token = Histogram("slmops_time_per_output_token_seconds", "decode time per token after the "
