@@ -168,6 +168,30 @@ def test_requests_join_a_running_batch_and_answer_as_alone(tiny_llama, adapters)
     assert scheduler.telemetry.registry.get_sample_value("slmops_batch_joins_total") == 3 and [len(a) for a in alone] == [30, 10, 7, 9]
 
 
+def test_a_request_that_goes_away_leaves_the_batch_at_the_next_step(tiny_llama):
+    from slmops.serving.pool import ModelPool
+    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.telemetry import Telemetry
+
+    pool = ModelPool(str(tiny_llama))
+    scheduler = Scheduler(pool, Telemetry(), max_batch=4, max_queue=4)
+    ids = pool.tokenizer(PROMPTS[0])["input_ids"]
+    gone, stays = Job("m", "__base__", ids, 50, ignore_eos=True), Job("m", "__base__", ids, 20, ignore_eos=True)
+
+    at_hang_up: list[int] = []
+
+    def hang_up(event) -> None:  # the client disconnects once three tokens are out
+        gone.events.put(event)
+        if len(gone.generated) >= 3 and not gone.cancelled.is_set():
+            at_hang_up.append(len(gone.generated))
+            gone.cancelled.set()
+
+    gone.emit = hang_up
+    scheduler._decode([gone, stays])
+    assert len(gone.generated) == at_hang_up[0] < 50 and list(gone.events.queue)[-1] == ("end", "cancelled")
+    assert len(stays.generated) == 20 and list(stays.events.queue)[-1] == ("end", "length")
+
+
 def _batch_counts(url: str) -> tuple[float, float]:
     """(requests decoded, batch steps of one request) from /metrics."""
     text = urllib.request.urlopen(f"{url}/metrics").read().decode()

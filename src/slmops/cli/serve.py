@@ -28,7 +28,7 @@ def handle(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from slmops.serving.app import create_app
+    from slmops.serving.app import create_app, open_pool
 
     options = given(args, "model")
     if args.model:
@@ -36,6 +36,7 @@ def handle(args: argparse.Namespace) -> int:
     opts = ServeOptions.build(**options)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a drain is a clean exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(create_app(opts), host=opts.host, port=opts.port, access_log=False, log_level="warning",
+    pool = open_pool(opts)  # before listening: a model or adapter that cannot be served is one line, exit 2
+    uvicorn.run(create_app(opts, pool), host=opts.host, port=opts.port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=int(opts.request_timeout))
     return 0

@@ -38,15 +38,14 @@ class ApiError(Exception):
         self.status, self.kind, self.param, self.headers = status, kind, param, headers
 
 
-def create_app(opts: ServeOptions) -> FastAPI:
-    """The application; the model loads at start-up, and /health says ready only after."""
+def create_app(opts: ServeOptions, pool: ModelPool | None = None) -> FastAPI:
+    """The application; without `pool` the model loads at start-up. /health says ready only after."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await asyncio.to_thread(ModelPool, opts.model_name_or_path, opts.served_model_name,
-                                       opts.trust_remote_code)
-        for name, path in opts.adapters.items():
-            await asyncio.to_thread(pool.load, name, path)
+        nonlocal pool
+        if pool is None:
+            pool = await asyncio.to_thread(open_pool, opts)
         app.state.scheduler = Scheduler(pool, app.state.telemetry, opts.max_batch_size, opts.max_queue)
         app.state.scheduler.start()
         app.state.pool = pool
@@ -153,6 +152,14 @@ async def _answer(request: Request, req: Sampling, prompt: list[int], chat: bool
     if req.stream:
         return StreamingResponse(reply.stream(events), media_type="text/event-stream")
     return JSONResponse(await reply.whole(events, request))
+
+
+def open_pool(opts: ServeOptions) -> ModelPool:
+    """The base and the --adapters; a model or adapter that cannot be served is a UsageError naming it."""
+    pool = ModelPool(opts.model_name_or_path, opts.served_model_name, opts.trust_remote_code)
+    for name, path in opts.adapters.items():
+        pool.load(name, path)
+    return pool
 
 
 class Reply:

@@ -33,6 +33,11 @@ class ModelPool:
     """The base model (as a peft model once an adapter is loaded) and the adapters by model id."""
 
     def __init__(self, model_name_or_path: str, served_name: str | None = None, trust_remote_code: bool = False):
+        from slmops.models.genai import is_genai_folder
+
+        if is_genai_folder(model_name_or_path):
+            raise UsageError(f"{model_name_or_path} is an ONNX Runtime GenAI folder; `slmops serve` runs PyTorch "
+                             f"models for now: serve the model it was exported from (and its adapters)")
         self.path = resolve(model_name_or_path)
         self.base_id = served_name or model_name_or_path
         self.tokenizer = load_tokenizer(self.path, trust_remote_code)

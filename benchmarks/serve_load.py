@@ -1,0 +1,172 @@
+"""`slmops serve` under load on this machine: throughput and latency at 1, 4 and 16 concurrent clients,
+requests spread over three LoRA adapters on one base, against the same server decoding one request at a
+time (`--max_batch_size 1`, the naive server). A bounded asyncio client on loopback; greedy decoding,
+64 new tokens a request (`ignore_eos`), SST-2 dev sentences as chat prompts.
+
+    python benchmarks/serve_load.py                       # SmolLM2-135M-Instruct, three random adapters
+    python benchmarks/serve_load.py --adapters a=runs/x,b=runs/y,c=runs/z --levels 1,4,16
+
+Prints, per server and concurrency: generated tokens/s overall, p50/p99 time to first token, p50/p99 time
+per output token, errors, and the server's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import urllib.request
+
+import psutil
+from openai import APIError, AsyncOpenAI
+
+HERE = Path(__file__).resolve().parent
+
+
+def random_adapters(model: str, folder: Path, count: int = 3) -> dict[str, str]:
+    """LoRA adapters with random weights (r16 on every linear layer): the load is the same as trained ones'."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    found = {}
+    for i in range(count):
+        torch.manual_seed(i)
+        base = AutoModelForCausalLM.from_pretrained(model)
+        peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                               init_lora_weights=False, task_type="CAUSAL_LM"))
+        peft.save_pretrained(folder / f"adapter{i}")
+        found[f"adapter{i}"] = str(folder / f"adapter{i}")
+    return found
+
+
+def prompts(count: int) -> list[str]:
+    rows = [json.loads(line) for line in (HERE.parent.parent / "shared/data/sst2/dev.jsonl").read_text().splitlines()]
+    return [f"What is the tone of this review? {r.get('sentence') or r.get('phrase')}" for r in rows[:count]]
+
+
+class Server:
+    def __init__(self, model: str, adapters: dict[str, str], batch: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        spec = ",".join(f"{k}={v}" for k, v in adapters.items())
+        self.proc = subprocess.Popen([sys.executable, "-m", "slmops", "serve", model, "--adapters", spec,
+                                      "--served_model_name", "base", "--port", str(self.port), "--max_batch_size",
+                                      str(batch), "--max_queue", "256", "--log_level", "2"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        while True:
+            try:
+                if urllib.request.urlopen(f"{self.url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        self.peak, self._stop = 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        proc = psutil.Process(self.proc.pid)
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, proc.memory_info().rss)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def one(client: AsyncOpenAI, model: str, prompt: str, tokens: int) -> dict:
+    start, first, made = time.perf_counter(), None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.usage:
+            made = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "tpot": (end - (first or end)) / max(made - 1, 1), "tokens": made}
+
+
+async def level(url: str, models: list[str], texts: list[str], clients: int, requests: int, tokens: int) -> dict:
+    """`requests` requests over the models in turn, `clients` at a time, each client sending its next when
+    its last has ended."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait((models[i % len(models)], texts[i % len(texts)]))
+    results: list[dict] = []
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+
+    async def worker() -> None:
+        while not queue.empty():
+            model, text = queue.get_nowait()
+            try:
+                results.append(await one(client, model, text, tokens))
+            except APIError as err:
+                results.append({"error": type(err).__name__})
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    ok = [r for r in results if "error" not in r]
+    ttft, tpot = sorted(r["ttft"] for r in ok), sorted(r["tpot"] for r in ok)
+    return {"clients": clients, "requests": requests, "tokens/s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "TTFT p50 ms": round(1000 * statistics.median(ttft)), "TTFT p99 ms": round(1000 * _p99(ttft)),
+            "TPOT p50 ms": round(1000 * statistics.median(tpot), 1), "TPOT p99 ms": round(1000 * _p99(tpot), 1),
+            "errors": len(results) - len(ok)}
+
+
+def _p99(values: list[float]) -> float:
+    return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the catalogue's smollm2-135m-instruct)")
+    ap.add_argument("--adapters", help="NAME=PATH,... (default: three random LoRA adapters)")
+    ap.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens a request (default 64)")
+    ap.add_argument("--requests", type=int, default=2, help="requests a client sends at each level (default 2)")
+    ap.add_argument("--servers", default="slmops,naive", help="slmops (batch 16), naive (batch 1)")
+    a = ap.parse_args()
+    if a.model is None:
+        from slmops.models.loading import resolve
+        a.model = resolve("smollm2-135m-instruct")
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = dict(x.split("=", 1) for x in a.adapters.split(",")) if a.adapters else \
+            random_adapters(a.model, Path(tmp))
+        levels = [int(x) for x in a.levels.split(",")]
+        texts = prompts(64)
+        rows = []
+        for name in a.servers.split(","):
+            server = Server(a.model, adapters, 16 if name == "slmops" else 1)
+            try:
+                for clients in levels:
+                    row = asyncio.run(level(server.url, list(adapters), texts, clients, clients * a.requests,
+                                            a.tokens))
+                    rows.append({"server": name, **row})
+                    print(rows[-1], flush=True)
+            finally:
+                server.close()
+            for row in rows:
+                if row["server"] == name:
+                    row["peak RSS GB"] = round(server.peak / 2**30, 2)
+    keys = list(rows[0])
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
