@@ -292,6 +292,14 @@ def test_api_key_queue_limit_and_drain_on_sigterm(tiny_llama):
                                            stream=True)
         first = next(iter(stream))
         proc.send_signal(signal.SIGTERM)  # in flight: finishes; then the server exits 0
+        time.sleep(0.3)
+        try:
+            ready = urllib.request.urlopen(f"{url}/health", timeout=5).status
+        except urllib.error.HTTPError as err:
+            ready = err.code
+        except OSError:  # already closed to new connections
+            ready = None
+        assert ready != 200  # draining: not ready for new work
         rest = list(stream)
         assert first.choices[0].text is not None and rest[-1].choices[0].finish_reason in ("stop", "length")
         assert proc.wait(60) == 0

@@ -37,6 +37,16 @@ def handle(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: a drain is a clean exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     pool = open_pool(opts)  # before listening: a model or adapter that cannot be served is one line, exit 2
-    uvicorn.run(create_app(opts, pool), host=opts.host, port=opts.port, access_log=False, log_level="warning",
-                timeout_graceful_shutdown=int(opts.request_timeout))
+    app = create_app(opts, pool)
+
+    class Draining(uvicorn.Server):
+        """On SIGTERM or Ctrl-C, /health and new requests answer 503 while the ones in flight finish."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=int(opts.request_timeout))
+    Draining(config).run()
     return 0

@@ -53,7 +53,7 @@ def create_app(opts: ServeOptions, pool: ModelPool | None = None) -> FastAPI:
         app.state.scheduler.stop()
 
     app = FastAPI(title="slmops serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.opts, app.state.telemetry, app.state.pool = opts, Telemetry(), None
+    app.state.opts, app.state.telemetry, app.state.pool, app.state.draining = opts, Telemetry(), None, False
     app.include_router(routes)
     app.add_exception_handler(ApiError, _api_error)
     app.middleware("http")(_guard)
@@ -80,8 +80,9 @@ async def _guard(request: Request, call_next: Any) -> Response:
 
 @routes.get("/health")
 async def health(request: Request) -> Response:
-    ready = request.app.state.pool is not None
-    return JSONResponse({"status": "ok" if ready else "loading"}, 200 if ready else 503)
+    state = request.app.state
+    status = "draining" if state.draining else "ok" if state.pool is not None else "loading"
+    return JSONResponse({"status": status}, 200 if status == "ok" else 503)
 
 
 @routes.get("/metrics")
@@ -250,7 +251,11 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 def _refuse(request: Request, opts: ServeOptions) -> Response | None:
-    """401 without the API key on /v1 routes (compared in constant time); 413 for a declared large body."""
+    """503 while draining; 401 without the API key on /v1 routes (compared in constant time); 413 for a
+    declared large body."""
+    if request.app.state.draining and request.url.path.startswith("/v1/"):
+        return JSONResponse(error_body("the server is shutting down; retry on another instance", "server_error"),
+                            503, headers={"Retry-After": "1"})
     if opts.api_key and request.url.path.startswith("/v1/"):
         given = request.headers.get("authorization", "")
         expected = f"Bearer {opts.api_key}"
