@@ -8,6 +8,9 @@ time (`--max_batch_size 1`, the naive server). A bounded asyncio client on loopb
 
 Prints, per server and concurrency: generated tokens/s overall, p50/p99 time to first token, p50/p99 time
 per output token, errors, and the server's peak resident memory.
+
+    python benchmarks/serve_load.py --servers slmops --levels 16 --spread one,mixed   # 1 adapter vs 3
+    python benchmarks/serve_load.py --servers slmops --soak 600                        # RSS over 10 min, 4 clients
 """
 
 from __future__ import annotations
@@ -127,6 +130,21 @@ async def level(url: str, models: list[str], texts: list[str], clients: int, req
             "errors": len(results) - len(ok)}
 
 
+def soak(server: Server, models: list[str], texts: list[str], seconds: float, tokens: int) -> dict:
+    """4 clients without pause for `seconds`: resident memory after the first round and at the end."""
+    rss = psutil.Process(server.proc.pid)
+    asyncio.run(level(server.url, models, texts, 4, 8, tokens))
+    start, first = time.perf_counter(), rss.memory_info().rss
+    rounds = errors = 0
+    while time.perf_counter() - start < seconds:
+        errors += asyncio.run(level(server.url, models, texts, 4, 8, tokens))["errors"]
+        rounds += 1
+    last = rss.memory_info().rss
+    return {"seconds": round(time.perf_counter() - start), "requests": rounds * 8, "errors": errors,
+            "RSS after warm-up GB": round(first / 2**30, 3), "RSS at end GB": round(last / 2**30, 3),
+            "growth": f"{100 * (last - first) / first:.1f}%"}
+
+
 def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
@@ -139,6 +157,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens a request (default 64)")
     ap.add_argument("--requests", type=int, default=2, help="requests a client sends at each level (default 2)")
     ap.add_argument("--servers", default="slmops,naive", help="slmops (batch 16), naive (batch 1)")
+    ap.add_argument("--spread", default="mixed", help="mixed (requests over every adapter in turn), one (every "
+                                                      "request to the first adapter), or both: one,mixed")
+    ap.add_argument("--soak", type=float, help="instead: 4 clients for this many seconds; RSS at start and end")
     a = ap.parse_args()
     if a.model is None:
         from slmops.models.loading import resolve
@@ -152,11 +173,15 @@ def main() -> None:
         for name in a.servers.split(","):
             server = Server(a.model, adapters, 16 if name == "slmops" else 1)
             try:
-                for clients in levels:
-                    row = asyncio.run(level(server.url, list(adapters), texts, clients, clients * a.requests,
-                                            a.tokens))
-                    rows.append({"server": name, **row})
+                if a.soak:
+                    rows.append({"server": name, **soak(server, list(adapters), texts, a.soak, a.tokens)})
                     print(rows[-1], flush=True)
+                for spread in [] if a.soak else a.spread.split(","):
+                    models = list(adapters)[:1] if spread == "one" else list(adapters)
+                    for clients in levels:
+                        row = asyncio.run(level(server.url, models, texts, clients, clients * a.requests, a.tokens))
+                        rows.append({"server": name, "adapters": len(models), **row})
+                        print(rows[-1], flush=True)
             finally:
                 server.close()
             for row in rows:
