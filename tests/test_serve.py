@@ -168,6 +168,25 @@ def test_requests_join_a_running_batch_and_answer_as_alone(tiny_llama, adapters)
     assert scheduler.telemetry.registry.get_sample_value("slmops_batch_joins_total") == 3 and [len(a) for a in alone] == [30, 10, 7, 9]
 
 
+def test_a_waiting_adapter_change_stops_a_batch_admitting_arrivals(tiny_llama):
+    """So that loading or unloading an adapter under constant load waits one batch, not forever."""
+    from slmops.serving.pool import ModelPool
+    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.telemetry import Telemetry
+
+    pool = ModelPool(str(tiny_llama))
+    scheduler = Scheduler(pool, Telemetry(), max_batch=4, max_queue=4)
+    ids = pool.tokenizer(PROMPTS[0])["input_ids"]
+    arrival = Job("m", "__base__", ids, 5, ignore_eos=True)
+    scheduler.submit(arrival)
+    pool.pending = 1  # an adapter load is waiting for the lock
+    scheduler._decode([Job("m", "__base__", ids, 8, ignore_eos=True)])
+    assert not arrival.generated and scheduler.waiting.qsize() == 1
+    pool.pending = 0
+    scheduler._decode([Job("m", "__base__", ids, 8, ignore_eos=True)])
+    assert len(arrival.generated) == 5 and scheduler.waiting.qsize() == 0
+
+
 def test_a_request_that_goes_away_leaves_the_batch_at_the_next_step(tiny_llama):
     from slmops.serving.pool import ModelPool
     from slmops.serving.scheduler import Job, Scheduler

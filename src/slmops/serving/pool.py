@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,7 +48,9 @@ class ModelPool:
         self.model.config.use_cache = True
         self.device = next(self.model.parameters()).device
         self.adapters: dict[str, str] = {}  # model id -> folder
-        self.lock = threading.Lock()  # adapters change between batch steps, never during one
+        self.lock = threading.Lock()  # held by a batch while it decodes; adapters change only between batches
+        self.pending = 0  # adapter changes waiting for the lock: a running batch admits no arrivals meanwhile
+        self._count = threading.Lock()
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
 
@@ -68,7 +71,7 @@ class ModelPool:
         _check_fits(folder, self.model)
         from peft import PeftModel
 
-        with self.lock:
+        with self._changing():
             if not self.adapters:
                 self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name).eval()
             else:
@@ -79,13 +82,26 @@ class ModelPool:
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-        with self.lock:
+        with self._changing():
             if len(self.adapters) > 1:
                 self.model.delete_adapter(name)
             else:
                 self.model = self.model.unload().eval()  # the plain base again
             del self.adapters[name]
         log.info("adapter %s unloaded", name)
+
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """The lock, once the batch that holds it has drained (it admits no one while this waits)."""
+        with self._count:
+            self.pending += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._count:
+                self.pending -= 1
 
 
 def _adapter_folder(path: str) -> Path:

@@ -63,6 +63,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.running = threading.Event()
+        self.admitted: list[Job] = []  # every request of the batch decoding now
         self.thread = threading.Thread(target=self._loop, name="slmops-scheduler", daemon=True)
         tok = pool.tokenizer
         eos = pool.model.generation_config.eos_token_id
@@ -93,7 +94,7 @@ class Scheduler:
                 self._decode([j for j in jobs if not self._gone(j)])
             except Exception as err:  # a bug must fail these requests, not the server
                 log.exception("batch failed")
-                for job in jobs:
+                for job in {id(j): j for j in [*jobs, *self.admitted]}.values():
                     job.emit(("error", f"the batch failed: {type(err).__name__}: {err}"))
 
     def _take(self, room: int) -> list[Job]:
@@ -121,8 +122,10 @@ class Scheduler:
         """Steps until every request has ended; arrivals join between steps where the cache allows it."""
         with self.pool.lock:
             batch: Batch | None = None
+            self.admitted = []
             while jobs or batch is not None:
                 if jobs:
+                    self.admitted += jobs
                     self.telemetry.batch_size.observe(len(jobs) + (len(batch.jobs) if batch else 0))
                     joining = self._prefill(jobs)
                     if batch is not None:
@@ -131,7 +134,8 @@ class Scheduler:
                 if batch is not None:
                     batch = self._step(batch)
                 room = self.max_batch - (len(batch.jobs) if batch else 0)
-                jobs = [j for j in self._take(room) if not self._gone(j)] if room and _joinable(batch) else []
+                open_to_arrivals = room and _joinable(batch) and not self.pool.pending
+                jobs = [j for j in self._take(room) if not self._gone(j)] if open_to_arrivals else []
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, jobs: list[Job], cache: Any) -> tuple[Any, Any]:
         """One forward of the rows (their adapters applied per row): the cache, and each row's next token."""
