@@ -29,6 +29,7 @@ from slmops.serving.telemetry import Telemetry
 
 log = logging.getLogger("slmops.serving.access")
 DEFAULT_MAX_TOKENS = 256
+DRAIN = 64  # a body up to this many times --max_body_bytes is read before its 413, a larger one is not
 
 
 class ApiError(Exception):
@@ -251,8 +252,8 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 def _refuse(request: Request, opts: ServeOptions) -> Response | None:
-    """503 while draining; 401 without the API key on /v1 routes (compared in constant time); 413 for a
-    declared large body."""
+    """503 while draining; 401 without the API key on /v1 routes (compared in constant time); 413 at once for
+    a declared body too large to be worth reading."""
     if request.app.state.draining and request.url.path.startswith("/v1/"):
         return JSONResponse(error_body("the server is shutting down; retry on another instance", "server_error"),
                             503, headers={"Retry-After": "1"})
@@ -263,19 +264,27 @@ def _refuse(request: Request, opts: ServeOptions) -> Response | None:
             return JSONResponse(error_body("missing or wrong API key: send Authorization: Bearer KEY",
                                            "authentication_error", code="invalid_api_key"), 401)
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > opts.max_body_bytes:
+    if declared and declared.isdigit() and int(declared) > DRAIN * opts.max_body_bytes:  # not worth reading
         return JSONResponse(error_body(f"the request body is {declared} bytes; the limit is {opts.max_body_bytes} "
                                        f"(--max_body_bytes)"), 413)
     return None
 
 
 async def _json(request: Request) -> Any:
-    opts = request.app.state.opts
-    body = await request.body()
-    if len(body) > opts.max_body_bytes:
-        raise ApiError(413, f"the request body is {len(body)} bytes; the limit is {opts.max_body_bytes}")
+    """The body as JSON. A body over --max_body_bytes is read to its end (up to DRAIN times the limit) and
+    answered 413, so the client, still sending, can read the answer."""
+    limit = request.app.state.opts.max_body_bytes
+    body, total = bytearray(), 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total <= limit:
+            body += chunk
+        elif total > DRAIN * limit:
+            break
+    if total > limit:
+        raise ApiError(413, f"the request body is over the limit of {limit} bytes (--max_body_bytes)")
     try:
-        return json.loads(body)
+        return json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON ({err})") from None
 
