@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 from conftest import TEMPLATE, sentiment_rows, write_jsonl
 from slmops.cli import main

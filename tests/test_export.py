@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEMPLATE, build_model, sentiment_rows, write_jsonl
+from conftest import TEMPLATE, build_model, make_adapter, sentiment_rows, write_jsonl
 from test_cli import fails_cleanly
 from slmops.cli import main
 from slmops.export import parity
@@ -19,21 +19,6 @@ from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer
 
 PROMPTS = ["Review: good film very\nTone:", "Review: awful plot not\nTone:", "the actor was quite"]
-
-
-def make_adapter(base: Path, folder: Path, targets: list[str], r: int, seed: int) -> Path:
-    """A LoRA adapter with random, non-zero B (an untrained adapter would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(str(base), torch.float32),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    return folder
 
 
 @torch.no_grad()

@@ -137,7 +137,8 @@ def test_requests_join_a_running_batch_and_answer_as_alone(tiny_llama, adapters)
     """In process, so the timing is exact: three requests wait while a long one decodes; they join its batch
     after its first step, and every answer is token for token the one it gets alone."""
     from slmops.serving.pool import ModelPool
-    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.jobs import Job
+    from slmops.serving.scheduler import Scheduler
     from slmops.serving.telemetry import Telemetry
 
     pool = ModelPool(str(tiny_llama), "base")
@@ -171,7 +172,8 @@ def test_requests_join_a_running_batch_and_answer_as_alone(tiny_llama, adapters)
 def test_a_waiting_adapter_change_stops_a_batch_admitting_arrivals(tiny_llama):
     """So that loading or unloading an adapter under constant load waits one batch, not forever."""
     from slmops.serving.pool import ModelPool
-    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.jobs import Job
+    from slmops.serving.scheduler import Scheduler
     from slmops.serving.telemetry import Telemetry
 
     pool = ModelPool(str(tiny_llama))
@@ -189,7 +191,8 @@ def test_a_waiting_adapter_change_stops_a_batch_admitting_arrivals(tiny_llama):
 
 def test_a_request_that_goes_away_leaves_the_batch_at_the_next_step(tiny_llama):
     from slmops.serving.pool import ModelPool
-    from slmops.serving.scheduler import Job, Scheduler
+    from slmops.serving.jobs import Job
+    from slmops.serving.scheduler import Scheduler
     from slmops.serving.telemetry import Telemetry
 
     pool = ModelPool(str(tiny_llama))
@@ -246,7 +249,7 @@ def test_adapters_load_and_unload_at_run_time(live, adapters, tokenizer_dir, tmp
                      text_template=TEMPLATE, output_path=str(tmp_path / "alien"), max_steps=1, lora_r=2,
                      target_modules=["q_proj"], eval_on_start=False)
     status, body = post(url, "/v1/load_lora_adapter", {"lora_name": "alien", "lora_path": str(alien)})
-    assert status == 400 and "trained on another base model" in body["error"]["message"], body
+    assert status == 400 and "trained on a different base model" in body["error"]["message"], body
     status, body = post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)})
     assert status == 400 and "no adapter_config.json" in body["error"]["message"]
     status, body = post(url, "/v1/load_lora_adapter", {"lora_name": "tone", "lora_path": str(adapters["mood"])})

@@ -13,7 +13,8 @@ from slmops.export import parity
 from slmops.models.genai import GenaiModel
 from slmops.models.tokenizers import load_tokenizer
 from test_cli import fails_cleanly
-from test_export import PROMPTS, make_adapter, torch_greedy
+from conftest import make_adapter
+from test_export import PROMPTS, torch_greedy
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from slmops.export import parity
 from slmops.export.auto_opt import check_target, publish_checked
 from slmops.export.builder import build, lora_kept_float, lora_weights, read_graph
 from slmops.export.source import quantization_aware, run_manifest
-from slmops.models.adapters import adapter_dir, attach_adapter
+from slmops.models.adapters import adapter_dir, attach_adapter, check_layers
 from slmops.models.genai import ADAPTER_SUFFIX, GenaiModel
 from slmops.models.loading import load_model, resolve
 from slmops.models.tokenizers import load_tokenizer
@@ -88,21 +88,6 @@ def _unsupported(config: dict) -> str | None:
     if config.get("fan_in_fan_out"):
         return "it uses fan_in_fan_out (Conv1D layers)"
     return None
-
-
-def check_fits(adapter: Adapter, base: Any, base_name: str) -> None:
-    """Refuse an adapter whose layers are not in this base, or have other shapes (another base model)."""
-    modules = dict(base.named_modules())
-    for module, ab in adapter.tensors.items():
-        layer = modules.get(module)
-        if layer is None or not isinstance(layer, torch.nn.Linear):
-            raise UsageError(f"adapter {adapter.name} ({adapter.folder}) adapts {module}, which {base_name} does "
-                             f"not have as a linear layer: it was trained on a different base model")
-        want = (layer.in_features, layer.out_features)
-        got = (ab["A"].shape[1], ab["B"].shape[0])
-        if want != got:
-            raise UsageError(f"adapter {adapter.name} ({adapter.folder}) was trained on a different base model: "
-                             f"{module} is {got[0]}->{got[1]} there and {want[0]}->{want[1]} in {base_name}")
 
 
 def _coded_adapter(base_path: str, modules: list[str], folder: Path, trust_remote_code: bool) -> None:
@@ -203,7 +188,8 @@ def generate_adapter(opts: ExtractAdaptersOptions) -> Path:
     base_path = resolve(base_model_path)
     base = load_model(base_path, torch.float32, trust_remote_code).eval()
     for adapter in adapters:
-        check_fits(adapter, base, base_model_path)
+        shapes = {module: (ab["A"].shape[1], ab["B"].shape[0]) for module, ab in adapter.tensors.items()}
+        check_layers(f"{adapter.name} ({adapter.folder})", shapes, base, base_model_path)
     # every adapter trained on the int4-rounded base: that is the reference
     rounded = {quantization_aware(a.manifest) for a in adapters} == {precision}
     if rounded:

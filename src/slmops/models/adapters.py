@@ -34,3 +34,19 @@ def attach_adapter(model: nn.Module, adapter: Path, base_name: str) -> nn.Module
     except (RuntimeError, ValueError, KeyError) as err:
         raise UsageError(f"adapter {adapter} does not fit model {base_name} ({first_line(err)[:160]}); "
                          f"pass the base model it was trained on") from None
+
+
+def check_layers(adapter: str, layers: dict[str, tuple[int, int]], base: nn.Module, base_name: str) -> None:
+    """Refuse an adapter whose layers (module -> (inputs, outputs)) this base does not have alike: the adapter
+    was trained on another base model, and applying it would crash or mislead in the middle of a run."""
+    modules = dict(base.named_modules())
+    for module, got in layers.items():
+        layer = modules.get(module) or modules.get(f"base_model.model.{module}")
+        layer = getattr(layer, "base_layer", layer)
+        if layer is None or not hasattr(layer, "in_features"):
+            raise UsageError(f"adapter {adapter} adapts {module}, which {base_name} does not have as a linear "
+                             f"layer: it was trained on a different base model")
+        want = (layer.in_features, layer.out_features)
+        if got != want:
+            raise UsageError(f"adapter {adapter} was trained on a different base model: {module} is "
+                             f"{got[0]}->{got[1]} there and {want[0]}->{want[1]} in {base_name}")

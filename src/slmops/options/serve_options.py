@@ -10,11 +10,13 @@ from slmops.options.fields import Options, Positive, PositiveInt, option
 
 
 class ServeOptions(Options):
-    model_name_or_path: str = option(help="local Hugging Face folder, .gguf, catalogue alias, hub id, or a `slmops "
-                                          "finetune` output folder (its merged model, else its base and adapter)",
+    model_name_or_path: str = option(help="local Hugging Face folder, .gguf, catalogue alias, hub id, a `slmops "
+                                          "finetune` output folder (its merged model, else its base and adapter), "
+                                          "or an exported ONNX Runtime GenAI folder (auto-opt, generate-adapter)",
                                      flags=("-m",), group="model")
-    adapters: dict[str, str] = option({}, "NAME=PATH,...: PEFT adapter folders or finetune output folders, each "
-                                          "served as model id NAME", group="model")
+    adapters: dict[str, str] = option({}, "NAME=PATH,...: PEFT adapter folders or finetune output folders (for an "
+                                          "exported MODEL: .onnx_adapter files), each served as model id NAME",
+                                      group="model")
     served_model_name: str | None = option(None, "the base model's id in requests (default: the model as given)",
                                            group="model")
     trust_remote_code: bool = option(False, "run the model repository's own Python code (off unless given)",

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from slmops.errors import UsageError
 from slmops.options.serve_options import ServeOptions
-from slmops.serving.pool import AdapterError, ModelPool
-from slmops.serving.scheduler import Job, QueueFull, Scheduler
+from slmops.serving.jobs import Job, QueueFull
+from slmops.serving.pool import AdapterError, ModelPool, Pool
 from slmops.serving.shapes import (ChatRequest, CompletionRequest, LoadAdapter, Sampling, UnloadAdapter,
                                    error_body)
 from slmops.serving.telemetry import Telemetry
@@ -39,7 +39,7 @@ class ApiError(Exception):
         self.status, self.kind, self.param, self.headers = status, kind, param, headers
 
 
-def create_app(opts: ServeOptions, pool: ModelPool | None = None) -> FastAPI:
+def create_app(opts: ServeOptions, pool: Pool | None = None) -> FastAPI:
     """The application; without `pool` the model loads at start-up. /health says ready only after."""
 
     @asynccontextmanager
@@ -47,7 +47,7 @@ def create_app(opts: ServeOptions, pool: ModelPool | None = None) -> FastAPI:
         nonlocal pool
         if pool is None:
             pool = await asyncio.to_thread(open_pool, opts)
-        app.state.scheduler = Scheduler(pool, app.state.telemetry, opts.max_batch_size, opts.max_queue)
+        app.state.scheduler = pool.decoder(app.state.telemetry, opts.max_batch_size, opts.max_queue)
         app.state.scheduler.start()
         app.state.pool = pool
         yield
@@ -94,7 +94,7 @@ async def metrics(request: Request) -> Response:
 
 @routes.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    pool: ModelPool = request.app.state.pool
+    pool: Pool = request.app.state.pool
     made = int(time.time())
     return {"object": "list", "data": [
         {"id": m, "object": "model", "created": made, "owned_by": "slmops",
@@ -118,7 +118,7 @@ async def unload_adapter(request: Request) -> Response:
 @routes.post("/v1/chat/completions")
 async def chat(request: Request) -> Response:
     req = _parse(ChatRequest, await _json(request))
-    pool: ModelPool = request.app.state.pool
+    pool: Pool = request.app.state.pool
     if not req.messages:
         raise ApiError(400, "messages is empty; send at least one message", param="messages")
     if not getattr(pool.tokenizer, "chat_template", None):
@@ -156,9 +156,16 @@ async def _answer(request: Request, req: Sampling, prompt: list[int], chat: bool
     return JSONResponse(await reply.whole(events, request))
 
 
-def open_pool(opts: ServeOptions) -> ModelPool:
+def open_pool(opts: ServeOptions) -> Pool:
     """The base and the --adapters; a model or adapter that cannot be served is a UsageError naming it."""
-    pool = ModelPool(opts.model_name_or_path, opts.served_model_name, opts.trust_remote_code)
+    from slmops.models.genai import is_genai_folder
+
+    if is_genai_folder(opts.model_name_or_path):
+        from slmops.serving.ort_engine import GenaiPool
+
+        pool: Pool = GenaiPool(opts.model_name_or_path, opts.served_model_name, opts.max_batch_size)
+    else:
+        pool = ModelPool(opts.model_name_or_path, opts.served_model_name, opts.trust_remote_code)
     for name, path in opts.adapters.items():
         pool.load(name, path)
     return pool
@@ -300,9 +307,9 @@ def _parse(kind: type, body: Any) -> Any:
         raise ApiError(422, f"{where}: {first['msg']}", param=where or None) from None
 
 
-def _job(req: Sampling, prompt: list[int], pool: ModelPool, opts: ServeOptions) -> Job:
+def _job(req: Sampling, prompt: list[int], pool: Pool, opts: ServeOptions) -> Job:
     """The request checked against the model and the limits, as the scheduler's job."""
-    adapter = pool.peft_name(req.model)
+    adapter = pool.adapter_for(req.model)
     if adapter is None:
         raise ApiError(404, f"the model {req.model!r} does not exist; served: {', '.join(pool.ids())}",
                        param="model", kind="not_found_error")

@@ -17,82 +17,59 @@ from typing import Any, Iterator
 import torch
 
 from slmops.errors import UsageError
-from slmops.models.adapters import adapter_dir
+from slmops.models.adapters import adapter_dir, check_layers
 from slmops.models.loading import load_model, resolve
 from slmops.models.tokenizers import load_tokenizer
+from slmops.serving.jobs import BASE, Worker
 
 log = logging.getLogger(__name__)
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class AdapterError(UsageError):
     """An adapter that cannot be served on this base; the message says why."""
 
 
-class ModelPool:
-    """The base model (as a peft model once an adapter is loaded) and the adapters by model id."""
+class Pool:
+    """What the HTTP side needs of a served model, whatever runs it: ids, the tokenizer, the end-of-sequence
+    tokens, the context, and the adapters by model id, loaded and unloaded while serving."""
 
-    def __init__(self, model_name_or_path: str, served_name: str | None = None, trust_remote_code: bool = False):
-        from slmops.models.genai import is_genai_folder
-
-        if is_genai_folder(model_name_or_path):
-            raise UsageError(f"{model_name_or_path} is an ONNX Runtime GenAI folder; `slmops serve` runs PyTorch "
-                             f"models for now: serve the model it was exported from (and its adapters)")
-        self.path = resolve(model_name_or_path)
-        self.base_id = served_name or model_name_or_path
-        self.tokenizer = load_tokenizer(self.path, trust_remote_code)
-        cuda = torch.cuda.is_available()
-        self.model = load_model(self.path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
-                                device_map="cuda" if cuda else None).eval()
-        self.model.config.use_cache = True
-        self.device = next(self.model.parameters()).device
-        self.adapters: dict[str, str] = {}  # model id -> folder
-        self.lock = threading.Lock()  # held by a batch while it decodes; adapters change only between batches
+    def __init__(self, base_id: str, tokenizer: Any, eos: set[int], context: int):
+        self.base_id, self.tokenizer, self.context = base_id, tokenizer, context
+        self.eos = eos | ({tokenizer.eos_token_id} - {None})
+        self.adapters: dict[str, str] = {}  # model id -> where it was loaded from
+        self.lock = threading.Lock()  # held by the decoder while it decodes; adapters change only outside it
         self.pending = 0  # adapter changes waiting for the lock: a running batch admits no arrivals meanwhile
         self._count = threading.Lock()
-        config = self.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
 
     def ids(self) -> list[str]:
         return [self.base_id, *self.adapters]
 
-    def peft_name(self, model_id: str) -> str | None:
+    def adapter_for(self, model_id: str) -> str | None:
         """The adapter to apply for a request's `model`, BASE for the base; None for an unknown id."""
         if model_id == self.base_id:
             return BASE
         return model_id if model_id in self.adapters else None
 
     def load(self, name: str, path: str) -> None:
-        """Check the adapter against the base, then add it under `name`."""
-        if name == self.base_id or name in self.adapters or name == BASE:
-            raise AdapterError(f"model id {name!r} is taken; unload it first or choose another lora_name")
-        folder = _adapter_folder(path)
-        _check_fits(folder, self.model)
-        from peft import PeftModel
-
-        with self._changing():
-            if not self.adapters:
-                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name).eval()
-            else:
-                self.model.load_adapter(folder, adapter_name=name)
-            self.adapters[name] = str(folder)
-        log.info("adapter %s loaded from %s", name, folder)
+        raise NotImplementedError
 
     def unload(self, name: str) -> None:
+        raise NotImplementedError
+
+    def decoder(self, telemetry: Any, max_batch: int, max_queue: int) -> Worker:
+        """The thread that decodes this model's requests."""
+        raise NotImplementedError
+
+    def check_free(self, name: str) -> None:
+        if name == self.base_id or name in self.adapters or name == BASE:
+            raise AdapterError(f"model id {name!r} is taken; unload it first or choose another lora_name")
+
+    def check_loaded(self, name: str) -> None:
         if name not in self.adapters:
             raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
-        with self._changing():
-            if len(self.adapters) > 1:
-                self.model.delete_adapter(name)
-            else:
-                self.model = self.model.unload().eval()  # the plain base again
-            del self.adapters[name]
-        log.info("adapter %s unloaded", name)
-
 
     @contextmanager
-    def _changing(self) -> Iterator[None]:
+    def changing(self) -> Iterator[None]:
         """The lock, once the batch that holds it has drained (it admits no one while this waits)."""
         with self._count:
             self.pending += 1
@@ -102,6 +79,52 @@ class ModelPool:
         finally:
             with self._count:
                 self.pending -= 1
+
+
+class ModelPool(Pool):
+    """A PyTorch base (as a peft model once an adapter is loaded) and its LoRA adapters."""
+
+    def __init__(self, model_name_or_path: str, served_name: str | None = None, trust_remote_code: bool = False):
+        self.path = resolve(model_name_or_path)
+        cuda = torch.cuda.is_available()
+        self.model = load_model(self.path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
+                                device_map="cuda" if cuda else None).eval()
+        self.model.config.use_cache = True
+        self.device = next(self.model.parameters()).device
+        config, eos = self.model.config, self.model.generation_config.eos_token_id
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        super().__init__(served_name or model_name_or_path, load_tokenizer(self.path, trust_remote_code),
+                         {*(eos if isinstance(eos, list) else [eos] if eos is not None else [])}, context)
+
+    def load(self, name: str, path: str) -> None:
+        """Check the adapter against the base, then add it under `name`."""
+        self.check_free(name)
+        folder = _adapter_folder(path)
+        _check_fits(folder, self.model)
+        from peft import PeftModel
+
+        with self.changing():
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name).eval()
+            else:
+                self.model.load_adapter(folder, adapter_name=name)
+            self.adapters[name] = str(folder)
+        log.info("adapter %s loaded from %s", name, folder)
+
+    def unload(self, name: str) -> None:
+        self.check_loaded(name)
+        with self.changing():
+            if len(self.adapters) > 1:
+                self.model.delete_adapter(name)
+            else:
+                self.model = self.model.unload().eval()  # the plain base again
+            del self.adapters[name]
+        log.info("adapter %s unloaded", name)
+
+    def decoder(self, telemetry: Any, max_batch: int, max_queue: int) -> Worker:
+        from slmops.serving.scheduler import Scheduler
+
+        return Scheduler(self, telemetry, max_batch, max_queue)
 
 
 def _adapter_folder(path: str) -> Path:
@@ -123,21 +146,18 @@ def _check_fits(folder: Path, base: Any) -> None:
         raise AdapterError(f"adapter {folder}: no adapter_model.safetensors (pass the folder `slmops finetune` wrote)")
     from safetensors import safe_open
 
-    modules = dict(base.named_modules())
+    layers: dict[str, list[int]] = {}
     with safe_open(str(weights), framework="pt") as fh:
         for key in fh.keys():
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            module = key.removeprefix("base_model.model.").split(".lora_")[0]
-            layer = modules.get(module) or modules.get(f"base_model.model.{module}")
-            shape = fh.get_slice(key).get_shape()
-            side = "A" if ".lora_A." in key else "B"
-            if layer is None or not hasattr(layer, "in_features"):
-                raise AdapterError(f"adapter {folder} adapts {module}, which this base does not have as a linear "
-                                   f"layer: it was trained on another base model")
-            base_layer = getattr(layer, "base_layer", layer)
-            want = base_layer.in_features if side == "A" else base_layer.out_features
-            got = shape[1] if side == "A" else shape[0]
-            if got != want:
-                raise AdapterError(f"adapter {folder}: {module} has {got} {'inputs' if side == 'A' else 'outputs'} "
-                                   f"there and {want} in this base: it was trained on another base model")
+            if ".lora_A." in key or ".lora_B." in key:
+                module = key.removeprefix("base_model.model.").split(".lora_")[0]
+                shape = fh.get_slice(key).get_shape()
+                found = layers.setdefault(module, [0, 0])
+                if ".lora_A." in key:
+                    found[0] = shape[1]
+                else:
+                    found[1] = shape[0]
+    try:
+        check_layers(str(folder), {m: (a, b) for m, (a, b) in layers.items()}, base, "the served base")
+    except UsageError as err:
+        raise AdapterError(str(err)) from None
