@@ -235,7 +235,8 @@ def main() -> None:
     ap.add_argument("--onnx", help="for onnx: a `slmops generate-adapter` folder whose adapters carry the names "
                                    "of --adapters (adapter0..2 by default), served through ONNX Runtime GenAI")
     ap.add_argument("--spread", default="mixed", help="mixed (requests over every adapter in turn), one (every "
-                                                      "request to the first adapter), or both: one,mixed")
+                                                      "request to the first adapter), base (every request to the "
+                                                      "base), or several: one,mixed")
     ap.add_argument("--soak", type=float, help="instead: 4 clients for this many seconds; RSS at start and end")
     ap.add_argument("--llamacpp_python", default="/work/llamacpp-venv/bin/python",
                     help="python of a venv with llama-cpp-python[server]")
@@ -264,9 +265,10 @@ def main() -> None:
                     rows.append({"server": name, **soak(server, served, texts, a.soak, a.tokens, options)})
                     print(rows[-1], flush=True)
                 for spread in [] if a.soak else a.spread.split(","):
-                    models = list(adapters)[:1] if spread == "one" else list(adapters)
+                    models = {"one": list(adapters)[:1], "base": ["base"]}.get(spread, list(adapters))
                     served = models if serves_adapters else ["base"]
-                    label = len(models) if serves_adapters else f"base for {len(models)}"
+                    label = "none" if spread == "base" else len(models) if serves_adapters else \
+                        f"base for {len(models)}"
                     for clients in levels:
                         row = asyncio.run(level(server.url, served, texts, clients, clients * a.requests, a.tokens,
                                                 options))
