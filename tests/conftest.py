@@ -112,8 +112,9 @@ def sentiment_file(tmp_path) -> Path:
 TEMPLATE = "Review: {phrase}\\nTone: {tone}"
 
 
-def make_adapter(base: Path, folder: Path, targets: list[str], r: int, seed: int) -> Path:
-    """A LoRA adapter with random, non-zero B (an untrained adapter would change nothing)."""
+def make_adapter(base: Path, folder: Path, targets: list[str], r: int, seed: int, **lora) -> Path:
+    """A LoRA adapter with random, non-zero B (an untrained adapter would change nothing); `lora`: more of
+    peft's LoraConfig."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -121,7 +122,8 @@ def make_adapter(base: Path, folder: Path, targets: list[str], r: int, seed: int
 
     torch.manual_seed(seed)
     model = get_peft_model(load_model(str(base), torch.float32),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+                           LoraConfig(**{"r": r, "lora_alpha": 2 * r, "target_modules": targets,
+                                                   "init_lora_weights": False, **lora}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

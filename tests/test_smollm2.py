@@ -68,3 +68,36 @@ def test_evaluate_agrees_with_the_independent_scorer(smollm2, tmp_path):
     ours = json.loads(out.read_text())["metrics"]["accuracy"]
     tok, model = scorer.load(str(smollm2), None)
     assert ours == pytest.approx(scorer.accuracy(tok, model, scorer.read_rows(str(DEV), 0, 96)), abs=1 / 96)
+
+
+@pytest.mark.skipif(not SST2.exists(), reason="needs ../shared/data/sst2")
+def test_quickstart_adapter_exported_and_served(smollm2, tmp_path):
+    """The README's chain on the real model: fine-tune, export with generate-adapter, serve the PyTorch
+    adapter and the export; the openai client gets the same answers from both, streamed and whole."""
+    openai = pytest.importorskip("openai")
+    from test_serve import server
+
+    ft, onnx = tmp_path / "sst2-lora", tmp_path / "sst2-onnx"
+    assert main(["finetune", "-m", "smollm2-135m-instruct", "-d", str(SST2), "--train_split", "train[:640]",
+                 "--text_template", TEMPLATE, "--method", "lora", "--max_steps", "40",
+                 "--per_device_train_batch_size", "16", "-o", str(ft)]) == 0
+    assert main(["generate-adapter", "-m", "smollm2-135m-instruct", "--adapter_paths", str(ft),
+                 "--adapter_names", "tone", "-o", str(onnx)]) == 0
+    base, reviews = "smollm2-135m-instruct", ["a gorgeous, witty, seductive movie", "dull, lifeless and far too long"]
+    answers = {}
+    for runtime, args in (("pytorch", [base, "--adapters", f"tone={ft}"]), ("onnx", [str(onnx), "--served_model_name", base])):
+        with server(*args) as (url, _):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+            assert sorted(m.id for m in client.models.list().data) == [base, "tone"]
+            for model in (base, "tone"):
+                for review in reviews:
+                    ask = {"model": model, "messages": [{"role": "user", "content": review}], "max_tokens": 4,
+                           "temperature": 0}
+                    whole = client.chat.completions.create(**ask).choices[0].message.content
+                    chunks = client.chat.completions.create(**ask, stream=True)
+                    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+                    answers[runtime, model, review] = whole
+    assert [answers["pytorch", "tone", r] for r in reviews] == ["positive", "negative"]
+    assert {k[1:]: v for k, v in answers.items() if k[0] == "onnx"} == {k[1:]: v for k, v in answers.items()
+                                                                        if k[0] == "pytorch"}
+    assert answers["pytorch", base, reviews[0]] != "positive"  # the base answers in words: the adapter made the labels

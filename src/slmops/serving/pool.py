@@ -1,13 +1,12 @@
 """The served model: one base in memory and its LoRA adapters, loaded and unloaded while serving.
 
 An adapter is checked against the base before it is accepted: its recorded base, its layers (each
-must be a linear layer of this base with the same shapes) and its kind (LoRA, which peft can mix
-per row). A mismatch is an `AdapterError` (HTTP 400), never a crash in the middle of a batch.
+must be a linear layer of this base with the same shapes) and its kind (plain LoRA, which the batch
+mixes per row). A mismatch is an `AdapterError` (HTTP 400), never a crash in the middle of a batch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from contextlib import contextmanager
@@ -17,10 +16,11 @@ from typing import Any, Iterator
 import torch
 
 from slmops.errors import UsageError
-from slmops.models.adapters import adapter_dir, check_layers
+from slmops.models.adapters import adapter_dir
 from slmops.models.loading import load_model, resolve
 from slmops.models.tokenizers import load_tokenizer
 from slmops.serving.jobs import BASE, Worker
+from slmops.serving.multi_lora import Routing, add_adapter, read_lora, remove_adapter
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class ModelPool(Pool):
         self.model = load_model(self.path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
                                 device_map="cuda" if cuda else None).eval()
         self.model.config.use_cache = True
+        self.routing = Routing()  # which adapter each row of the next forward uses
         self.device = next(self.model.parameters()).device
         config, eos = self.model.config, self.model.generation_config.eos_token_id
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
@@ -100,24 +101,19 @@ class ModelPool(Pool):
         """Check the adapter against the base, then add it under `name`."""
         self.check_free(name)
         folder = _adapter_folder(path)
-        _check_fits(folder, self.model)
-        from peft import PeftModel
-
+        try:
+            lora = read_lora(folder, self.model)
+        except UsageError as err:
+            raise AdapterError(str(err)) from None
         with self.changing():
-            if not self.adapters:
-                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name).eval()
-            else:
-                self.model.load_adapter(folder, adapter_name=name)
+            add_adapter(self.model, self.routing, name, lora)
             self.adapters[name] = str(folder)
         log.info("adapter %s loaded from %s", name, folder)
 
     def unload(self, name: str) -> None:
         self.check_loaded(name)
         with self.changing():
-            if len(self.adapters) > 1:
-                self.model.delete_adapter(name)
-            else:
-                self.model = self.model.unload().eval()  # the plain base again
+            remove_adapter(self.model, name)
             del self.adapters[name]
         log.info("adapter %s unloaded", name)
 
@@ -133,31 +129,3 @@ def _adapter_folder(path: str) -> Path:
     except UsageError as err:
         raise AdapterError(str(err)) from None
 
-
-def _check_fits(folder: Path, base: Any) -> None:
-    """Refuse an adapter peft cannot mix per row, or one whose layers this base does not have alike."""
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        kind = "DoRA" if config.get("use_dora") else config.get("peft_type")
-        raise AdapterError(f"adapter {folder}: a {kind} adapter; the server mixes plain LoRA adapters per request "
-                           f"(merge it with `slmops auto-opt` or serve its merged model instead)")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise AdapterError(f"adapter {folder}: no adapter_model.safetensors (pass the folder `slmops finetune` wrote)")
-    from safetensors import safe_open
-
-    layers: dict[str, list[int]] = {}
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            if ".lora_A." in key or ".lora_B." in key:
-                module = key.removeprefix("base_model.model.").split(".lora_")[0]
-                shape = fh.get_slice(key).get_shape()
-                found = layers.setdefault(module, [0, 0])
-                if ".lora_A." in key:
-                    found[0] = shape[1]
-                else:
-                    found[1] = shape[0]
-    try:
-        check_layers(str(folder), {m: (a, b) for m, (a, b) in layers.items()}, base, "the served base")
-    except UsageError as err:
-        raise AdapterError(str(err)) from None

@@ -1,15 +1,16 @@
 """Requests decoded together: one forward pass a step for every request in the batch, whatever its adapter.
 
-peft applies each row's own LoRA adapter inside the one forward (`adapter_names`, its mixed-batch
-inference), so requests for different adapters share every batch step. Continuous batching: between
-two steps, requests that arrived are prefilled (their prompts in one forward) and join the batch, their
-KV cache left-padded to the running one's length; a request that ends (its stop, EOS, max_tokens, a
-disconnect or its deadline) leaves at once, its rows dropped from the cache. Padding is masked and each
+Each row's own LoRA adapter is applied inside the one forward (`multi_lora`), so requests for different
+adapters share every batch step. Continuous batching: between two steps, requests that arrived are
+prefilled (their prompts in one forward) and join the batch, their KV cache (`kv_cache`) left-padded to
+the running one's length; a request that ends (its stop, EOS, max_tokens, a disconnect or its deadline)
+leaves at once, its rows dropped from the cache. Padding is masked and each
 row keeps its own positions, so a request's greedy output is the one it gets alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from slmops.serving.jobs import Job, Worker
+from slmops.serving.kv_cache import joinable, joined, left_pad, new_cache
 
 
 class Scheduler(Worker):
@@ -25,6 +27,9 @@ class Scheduler(Worker):
     def __init__(self, pool: Any, telemetry: Any, max_batch: int, max_queue: int):
         super().__init__(pool, telemetry, max_batch, max_queue)
         self.admitted: list[Job] = []  # every request of the batch decoding now
+        # logits for the last position only: a prompt's other positions' logits are a vocabulary-wide waste
+        accepts = inspect.signature(pool.model.forward).parameters
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
 
     def _serve_once(self) -> None:
         jobs = self._next(self.max_batch, wait=True)
@@ -52,15 +57,15 @@ class Scheduler(Worker):
                 if batch is not None:
                     batch = self._step(batch)
                 room = self.max_batch - (len(batch.jobs) if batch else 0)
-                open_to_arrivals = room and _joinable(batch) and not self.pool.pending
+                open_to_arrivals = room and (batch is None or joinable(batch.cache)) and not self.pool.pending
                 jobs = self._next(room, wait=False) if open_to_arrivals else []
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, jobs: list[Job], cache: Any) -> tuple[Any, Any]:
         """One forward of the rows (their adapters applied per row): the cache, and each row's next token."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        extra = {"adapter_names": [j.adapter for j in jobs]} if self.pool.adapters else {}
+        self.pool.routing.route([j.adapter for j in jobs], ids.device)
         out = self.pool.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                              use_cache=True, **extra)
+                              use_cache=True, **self.last_only)
         logits = out.logits[:, -1].float()
         return out.past_key_values, [_pick(logits[r], j) for r, j in enumerate(jobs)]
 
@@ -72,7 +77,7 @@ class Scheduler(Worker):
         mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=device)
         for job in jobs:
             job.state = _generator(job.seed) if job.temperature > 0 else None
-        cache, tokens = self._forward(ids, mask, jobs, None)
+        cache, tokens = self._forward(ids, mask, jobs, new_cache(self.pool.model.config))
         return Batch(jobs, cache, mask, tokens).keep([not self._emit(j, t) for j, t in zip(jobs, tokens)])
 
     def _step(self, batch: Batch) -> Batch | None:
@@ -125,28 +130,6 @@ class Batch:
         if other is None:
             return self
         length = max(self.mask.shape[1], other.mask.shape[1])
-        cache = type(self.cache)()
-        for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
-            cache.update(torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)]),
-                         torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)]), i)
-        mask = torch.cat([_left_pad(self.mask, length, dim=1), _left_pad(other.mask, length, dim=1)])
-        return Batch(self.jobs + other.jobs, cache, mask, self.tokens + other.tokens)
+        mask = torch.cat([left_pad(self.mask, length, dim=1), left_pad(other.mask, length, dim=1)])
+        return Batch(self.jobs + other.jobs, joined(self.cache, other.cache, length), mask, self.tokens + other.tokens)
 
-
-def _left_pad(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
-    short = length - t.shape[dim]
-    if not short:
-        return t
-    shape = list(t.shape)
-    shape[dim] = short
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _joinable(batch: Batch | None) -> bool:
-    """Whether arrivals can join: a cache of plain per-layer keys and values (sliding-window or other
-    layers keep state that padding would break; their arrivals wait for the next batch)."""
-    if batch is None:
-        return True
-    from transformers import DynamicCache
-    return type(batch.cache) is DynamicCache and all(type(layer).__name__ == "DynamicLayer"
-                                                     for layer in batch.cache.layers)
