@@ -102,11 +102,11 @@ class Server:
         self.proc.wait(60)
 
 
-def slmops_server(model: str, adapters: dict[str, str], batch: int) -> Server:
+def slmops_server(model: str, adapters: dict[str, str], batch: int, *more: str) -> Server:
     port, spec = free_port(), ",".join(f"{k}={v}" for k, v in adapters.items())
     return Server([sys.executable, "-m", "slmops", "serve", model, *(["--adapters", spec] if spec else []),
                    "--served_model_name", "base", "--port", str(port), "--max_batch_size", str(batch),
-                   "--max_queue", "256", "--log_level", "2"], port)
+                   "--max_queue", "256", "--log_level", "2", *more], port)
 
 
 def llamacpp_server(python: str, gguf: str, log: Path) -> Server:
@@ -214,6 +214,8 @@ def start(name: str, a: argparse.Namespace, adapters: dict[str, str], tmp: Path)
             print(f"onnx: skipped, no exported folder at --onnx {a.onnx}", flush=True)
             return None
         return slmops_server(a.onnx, {}, 16), SLMOPS_OPTIONS, True  # its adapters/ are served by name
+    if name == "slmops-bf16":
+        return slmops_server(a.model, adapters, 16, "--torch_dtype", "bfloat16"), SLMOPS_OPTIONS, True
     if name != "llamacpp":
         return slmops_server(a.model, adapters, 16 if name == "slmops" else 1), SLMOPS_OPTIONS, True
     missing = [p for p in (a.llamacpp_python, a.gguf) if not Path(p).exists()]
@@ -231,7 +233,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens a request (default 64)")
     ap.add_argument("--requests", type=int, default=2, help="requests a client sends at each level (default 2)")
-    ap.add_argument("--servers", default="slmops,naive", help="slmops (batch 16), naive (batch 1), llamacpp, onnx")
+    ap.add_argument("--servers", default="slmops,naive", help="slmops (batch 16), naive (batch 1), slmops-bf16 "
+                                                            "(batch 16, --torch_dtype bfloat16), llamacpp, onnx")
     ap.add_argument("--onnx", help="for onnx: a `slmops generate-adapter` folder whose adapters carry the names "
                                    "of --adapters (adapter0..2 by default), served through ONNX Runtime GenAI")
     ap.add_argument("--spread", default="mixed", help="mixed (requests over every adapter in turn), one (every "
@@ -244,7 +247,7 @@ def main() -> None:
                     help="the model as GGUF, for llamacpp")
     a = ap.parse_args()
     names = a.servers.split(",")
-    lora = {"slmops", "naive"} & set(names)
+    lora = {"slmops", "naive", "slmops-bf16"} & set(names)
     if a.model is None and lora:
         from slmops.models.loading import resolve
         a.model = resolve("smollm2-135m-instruct")

@@ -10,8 +10,11 @@ import pytest
 
 from conftest import make_adapter
 from slmops.cli import main
+from slmops.errors import UsageError
 from slmops.models.genai import GenaiModel
 from slmops.models.tokenizers import load_tokenizer
+from slmops.options.serve_options import ServeOptions
+from slmops.serving.app import open_pool
 from test_serve import post, server
 
 openai = pytest.importorskip("openai")
@@ -83,3 +86,8 @@ def _misfit(multi, tmp_path):
     wide.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in params.items()})
     wide.export_adapter(str(tmp_path / "wide.onnx_adapter"))
     return tmp_path / "wide.onnx_adapter"
+
+
+def test_torch_dtype_on_an_exported_folder_is_refused_before_loading(multi):
+    with pytest.raises(UsageError, match="--torch_dtype bfloat16: .* chosen at export"):
+        open_pool(ServeOptions(model_name_or_path=str(multi), torch_dtype="bfloat16"))

@@ -163,9 +163,13 @@ def open_pool(opts: ServeOptions) -> Pool:
     if is_genai_folder(opts.model_name_or_path):
         from slmops.serving.ort_engine import GenaiPool
 
+        if opts.torch_dtype != "auto":
+            raise UsageError(f"--torch_dtype {opts.torch_dtype}: {opts.model_name_or_path} is an exported folder whose "
+                             f"precision was chosen at export; drop --torch_dtype (or export again with --precision)")
+
         pool: Pool = GenaiPool(opts.model_name_or_path, opts.served_model_name, opts.max_batch_size)
     else:
-        pool = ModelPool(opts.model_name_or_path, opts.served_model_name, opts.trust_remote_code)
+        pool = ModelPool(opts.model_name_or_path, opts.served_model_name, opts.trust_remote_code, opts.torch_dtype)
     for name, path in opts.adapters.items():
         pool.load(name, path)
     return pool

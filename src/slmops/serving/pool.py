@@ -84,11 +84,12 @@ class Pool:
 class ModelPool(Pool):
     """A PyTorch base (as a peft model once an adapter is loaded) and its LoRA adapters."""
 
-    def __init__(self, model_name_or_path: str, served_name: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model_name_or_path: str, served_name: str | None = None, trust_remote_code: bool = False,
+                 torch_dtype: str = "auto"):
         self.path = resolve(model_name_or_path)
         cuda = torch.cuda.is_available()
-        self.model = load_model(self.path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
-                                device_map="cuda" if cuda else None).eval()
+        dtype = (torch.bfloat16 if cuda else torch.float32) if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        self.model = load_model(self.path, dtype, trust_remote_code, device_map="cuda" if cuda else None).eval()
         self.model.config.use_cache = True
         self.routing = Routing()  # which adapter each row of the next forward uses
         self.device = next(self.model.parameters()).device

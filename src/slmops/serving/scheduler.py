@@ -30,6 +30,7 @@ class Scheduler(Worker):
         # logits for the last position only: a prompt's other positions' logits are a vocabulary-wide waste
         accepts = inspect.signature(pool.model.forward).parameters
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self.can_join = joinable(new_cache(pool.model.config))
 
     def _serve_once(self) -> None:
         jobs = self._next(self.max_batch, wait=True)
@@ -57,7 +58,7 @@ class Scheduler(Worker):
                 if batch is not None:
                     batch = self._step(batch)
                 room = self.max_batch - (len(batch.jobs) if batch else 0)
-                open_to_arrivals = room and (batch is None or joinable(batch.cache)) and not self.pool.pending
+                open_to_arrivals = room and (batch is None or self.can_join) and not self.pool.pending
                 jobs = self._next(room, wait=False) if open_to_arrivals else []
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, jobs: list[Job], cache: Any) -> tuple[Any, Any]:
@@ -70,7 +71,17 @@ class Scheduler(Worker):
         return out.past_key_values, [_pick(logits[r], j) for r, j in enumerate(jobs)]
 
     def _prefill(self, jobs: list[Job]) -> Batch | None:
-        """The new requests' prompts in one forward, left-padded; their first tokens handed out."""
+        """The new requests' prompts, a forward for each group of like length (padding costs as much as a
+        prompt's own tokens: one forward over SST-2 chat prompts spent a quarter of its work on it), joined
+        into one batch; their first tokens handed out."""
+        batch = None
+        for group in _like_lengths(jobs) if self.can_join else [jobs]:
+            part = self._prefill_group(group)
+            batch = part if batch is None else batch.join(part)
+        return batch
+
+    def _prefill_group(self, jobs: list[Job]) -> Batch | None:
+        """The prompts in one forward, left-padded."""
         width, device = max(len(j.prompt) for j in jobs), self.pool.device
         pad = self.pool.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs], device=device)
@@ -86,6 +97,19 @@ class Scheduler(Worker):
         cache, tokens = self._forward(ids, mask, batch.jobs, batch.cache)
         stepped = Batch(batch.jobs, cache, mask, tokens)
         return stepped.keep([not self._emit(j, t) for j, t in zip(batch.jobs, tokens)])
+
+
+def _like_lengths(jobs: list[Job], slack: float = 0.1) -> list[list[Job]]:
+    """The jobs by prompt length, in groups whose padding stays within `slack` of their tokens."""
+    groups: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: len(j.prompt)):
+        group = groups[-1] if groups else []
+        tokens = sum(len(j.prompt) for j in group) + len(job.prompt)
+        if group and (len(group) + 1) * len(job.prompt) <= (1 + slack) * tokens:
+            group.append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 def _generator(seed: int | None) -> torch.Generator:
