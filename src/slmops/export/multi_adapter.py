@@ -223,7 +223,8 @@ def generate_adapter(opts: ExtractAdaptersOptions) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         raise
     publish_checked(work, out, results, "the base model")
-    log.info("wrote %s: base + %d adapters (%s), %.0f MB", out, len(adapters), ", ".join(taken), folder_mb(out))
+    log.info("wrote %s: base + %d adapter%s (%s), %.0f MB", out, len(adapters), "s"[:len(adapters) > 1],
+             ", ".join(taken), folder_mb(out))
     return out
 
 
