@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from slmops.options.finetune_options import DataOptions
+from slmops.data.preference import WHY, prepare_preferences
 from slmops.data.prepare import PreparedData, prepare_data
 from slmops.data.formatting import IGNORE
 from slmops.models.loading import resolve
@@ -20,8 +21,25 @@ BAR = 40
 
 def check(cfg: DataOptions) -> str:
     tokenizer = load_tokenizer(resolve(cfg.model_name_or_path), cfg.trust_remote_code)
+    if cfg.stage != "sft":
+        return preference_report(prepare_preferences(cfg, tokenizer), cfg.stage)
     data = prepare_data(cfg, tokenizer)
     return report(data, tokenizer, cfg.max_seq_len)
+
+
+def preference_report(data: PreparedData, stage: str) -> str:
+    """Rows kept and dropped (and why), leakage, KTO's balance, and one row as TRL will read it."""
+    stats, checks = data.stats, data.stats["checks"]
+    lines = []
+    for name in ("train", "eval"):
+        dropped = stats[name]["dropped"]
+        lines.append(f"{name}: {stats[name]['rows']} {'answers' if stage == 'kto' else 'pairs'} kept; dropped: "
+                     + (", ".join(f"{n} with {WHY[why]}" for why, n in dropped.items()) or "none"))
+    lines.append(f"validation prompts also in training: {checks['eval_prompts_in_train']}")
+    if stage == "kto":
+        lines.append(f"desirable answers: {checks['desirable']}, undesirable: {checks['undesirable']}")
+    lines += ["", "example:", *(f"  {key}: {value!r}" for key, value in data.train[0].items())]
+    return "\n".join(lines)
 
 
 def report(data: PreparedData, tokenizer: Any, max_seq_len: int) -> str:

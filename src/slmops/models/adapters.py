@@ -25,12 +25,13 @@ def base_model_of(adapter: Path) -> str:
     return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def attach_adapter(model: nn.Module, adapter: Path, base_name: str) -> nn.Module:
-    """`model` wrapped with the PEFT adapter in `adapter`; an adapter made for another base is one line."""
+def attach_adapter(model: nn.Module, adapter: Path, base_name: str, trainable: bool = False) -> nn.Module:
+    """`model` wrapped with the PEFT adapter in `adapter` (`trainable`: to train it further); an adapter made
+    for another base is one line."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         raise UsageError(f"adapter {adapter} does not fit model {base_name} ({first_line(err)[:160]}); "
                          f"pass the base model it was trained on") from None

@@ -55,6 +55,16 @@ class DataOptions(Options):
     train_on_prompt: bool = option(False, "compute the loss on the prompt as well as the response", group="data")
     add_eos: bool = option(True, "end each example with the EOS token so generation learns to stop", group="data")
     seed: int = option(42, "seed for the validation hold-out, initialisation and data order")
+    stage: Literal["sft", "dpo", "orpo", "kto"] = option(
+        "sft", "what the run learns from: sft (responses), dpo or orpo (preference pairs: prompt, chosen, "
+               "rejected), kto (unpaired answers: prompt, completion, label), the last three through TRL")
+    prompt_field: str = option("prompt", "preference stages: the prompt column (text, or messages with "
+                                         "--use_chat_template)", group="data")
+    chosen_field: str = option("chosen", "dpo, orpo: the preferred answer's column", group="data")
+    rejected_field: str = option("rejected", "dpo, orpo: the other answer's column", group="data")
+    completion_field: str = option("completion", "kto: the answer's column", group="data")
+    label_field: str = option("label", "kto: the column saying whether the answer is desirable (true/false, 1/0)",
+                              group="data")
 
     @field_validator("data_files", mode="before")
     @classmethod
@@ -62,6 +72,9 @@ class DataOptions(Options):
         return [value] if isinstance(value, str) else value
 
     def problems(self) -> list[str]:
+        if self.stage != "sft":
+            return [f"--stage {self.stage} reads the prompt and answers from their columns (--prompt_field and the "
+                    f"others); drop --{flag}" for flag in ("text_template", "text_field") if getattr(self, flag)]
         found = []
         if self.text_template and self.text_field:
             found.append("--text_template and --text_field are exclusive: give one of them")
@@ -104,6 +117,12 @@ class FinetuneOptions(DataOptions):
                                         "loss(outputs, batch)", group="method")
     loss_args: dict[str, Any] = option({}, """the loss's keyword arguments as a JSON object, e.g. '{"margin": 1.0}'""",
                                        group="method")
+    adapter_path: str | None = option(None, "an adapter (or `slmops finetune` output folder) to go on training "
+                                            "instead of a new one: SFT, then --stage dpo from its adapter",
+                                      group="method")
+    beta: Positive | None = option(None, "dpo, kto: how far the model may move from the reference (lower: "
+                                         "further); orpo: the weight of the preference term. TRL's default 0.1",
+                                   group="method")
     output_path: str = option(help="output folder (adapter/, model/, manifest.json)", flags=("-o",))
     task_name: str | None = option(None, "free label for this adapter (recorded in the manifest)")
     overwrite: bool = option(False, "replace an existing --output_path", flags=("--overwrite_output_dir",))
@@ -142,6 +161,19 @@ class FinetuneOptions(DataOptions):
             options = {**options, "loss": block["type"], "loss_args": block.get("args") or {}}
         return options
 
+    def _preference_problems(self) -> list[str]:
+        """What a preference stage cannot take: it has its own loss and scores pairs, not responses."""
+        found = []
+        if self.text_pair_field:
+            found.append(f"--stage {self.stage} learns from answers to prompts; --text_pair_field is for sentence "
+                         f"pairs with --stage sft")
+        if self.loss != "cross_entropy":
+            found.append(f"--stage {self.stage} trains with its own loss (TRL's); drop --loss {self.loss}")
+        if self.eval_metrics:
+            found.append(f"--stage {self.stage} reports reward accuracy and margins at each evaluation; drop "
+                         f"--eval_metrics")
+        return found
+
     @field_validator("method")
     @classmethod
     def _registered(cls, value: str) -> str:
@@ -168,7 +200,9 @@ class FinetuneOptions(DataOptions):
         if self.loss not in LOSSES and not USER_LOSS.fullmatch(self.loss):
             found.append(f"--loss: got {self.loss!r}; give a built-in ({', '.join(LOSSES)}) or FILE.py:ClassName "
                          f"naming your torch.nn.Module")
-        if self.text_pair_field:
+        if self.stage != "sft":
+            found += self._preference_problems()
+        elif self.text_pair_field:
             if not self.text_field or self.use_chat_template:
                 found.append("--text_pair_field pairs two text columns: name the first with --text_field (no "
                              "--text_template or --use_chat_template)")
@@ -181,6 +215,11 @@ class FinetuneOptions(DataOptions):
         elif self.loss == "contrastive":
             found.append("--loss contrastive compares sentence pairs: name the second text column with "
                          "--text_pair_field (and its 0/1 label column with --pair_label_field)")
+        if self.stage == "sft" and self.beta is not None:
+            found.append("--beta weighs a preference loss: add --stage dpo, orpo or kto (or drop --beta)")
+        if self.adapter_path and METHODS[self.method].build is None:
+            found.append(f"--adapter_path goes on training an adapter; --method {self.method} trains every "
+                         f"weight: merge the adapter first (slmops finetune --merge) and pass its model/ as -m")
         if self.method == "full" and self.merge:
             found.append("--merge has nothing to merge with --method full (it writes model/ already)")
         chosen = METHODS[self.method]

@@ -18,7 +18,6 @@ from slmops.options.training_args import training_argument_names
 log = logging.getLogger(__name__)
 
 
-
 @lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """Native BF16 matmuls (AVX-512-BF16 or AMX); without them bf16 on CPU is emulated and ~100x slower."""
@@ -59,8 +58,10 @@ def on_gpu(cfg: FinetuneOptions) -> bool:
     return torch.cuda.is_available() and not cfg.training_args.get("use_cpu")
 
 
-def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.dtype) -> TrainingArguments:
-    """Defaults that suit fine-tuning small models, then the user's TrainingArguments on top."""
+def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.dtype,
+                        config: type = TrainingArguments, **stage: Any) -> TrainingArguments:
+    """Defaults that suit fine-tuning small models, then the user's TrainingArguments on top; `config` is
+    a TrainingArguments subclass (a TRL stage's) taking the `stage` values besides."""
     user = dict(cfg.training_args)
     if "evaluation_strategy" in user:  # transformers 5's name is eval_strategy
         user.setdefault("eval_strategy", user.pop("evaluation_strategy"))
@@ -105,6 +106,6 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
     if args.get("gradient_checkpointing"):
         args.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     try:
-        return TrainingArguments(**args)
+        return config(**args, **stage)
     except (ValueError, TypeError) as err:
         raise UsageError(f"invalid training options: {first_line(err)}") from None

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slmops.errors import UsageError, first_line
+from slmops.models.adapters import adapter_dir, attach_adapter
 from slmops.models.loading import linear_module_names, load_model
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.methods import METHODS
@@ -49,23 +50,32 @@ def load_base(opts: FinetuneOptions, model_path: str, amp: torch.dtype, checkpoi
 def attach_method(model: nn.Module, opts: FinetuneOptions, encoder: bool, gpu: bool) -> tuple[nn.Module, list[str]]:
     """The method's adapter on `model` (none for full fine-tuning), with row-by-row attention for packed
     CPU batches and the fused LoRA layers; returns the model and the layers adapted."""
-    # measured on CPU; GPUs run masked attention over a packed row well. Pairs are padded, never packed.
-    if opts.packing and not opts.text_pair_field and not gpu:
+    # measured on CPU; GPUs run masked attention over a packed row well. Pairs are padded, never packed, and
+    # so are a preference stage's batches (TRL's own collators), whose reference is a second adapter.
+    own_batches = opts.stage == "sft"
+    if opts.packing and not opts.text_pair_field and not gpu and own_batches:
         use_segmented_attention(model)
     method = METHODS[opts.method]
     targets = opts.target_modules or linear_module_names(model)
     if method.build is None:
         return model, []
-    from peft import get_peft_model
-    peft_config = method.build(opts, targets, model)
-    if encoder:
-        peft_config.task_type = "FEATURE_EXTRACTION"  # peft's causal-LM wrapper needs generation methods
-    try:
-        model = get_peft_model(model, peft_config)
-    except ValueError as err:
-        raise UsageError(f"--method {opts.method} with --target_modules {','.join(targets)}: {first_line(err)}; "
-                         f"layers with weights here: {', '.join(linear_module_names(model))}") from None
-    use_fast_lora(model)
+    if opts.adapter_path:
+        model = attach_adapter(model, adapter_dir(opts.adapter_path), opts.model_name_or_path, trainable=True)
+        kept = model.peft_config["default"].target_modules
+        targets = [kept] if isinstance(kept, str) else sorted(kept)
+    else:
+        from peft import get_peft_model
+        peft_config = method.build(opts, targets, model)
+        if encoder:
+            peft_config.task_type = "FEATURE_EXTRACTION"  # peft's causal-LM wrapper needs generation methods
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as err:
+            raise UsageError(f"--method {opts.method} with --target_modules {','.join(targets)}: "
+                             f"{first_line(err)}; layers with weights here: "
+                             f"{', '.join(linear_module_names(model))}") from None
+    if own_batches:
+        use_fast_lora(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s on %s: %s trainable of %s parameters (%.2f%%)", opts.method, ",".join(targets),
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)

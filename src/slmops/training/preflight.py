@@ -47,12 +47,15 @@ def preflight(trainer: Any, amp: torch.dtype) -> dict[str, Any]:
     manifest and logs it; warns when that peak exceeds the memory there is.
     """
     args, model, data = trainer.args, trainer.model, trainer.train_dataset
-    lengths = [len(ids) for ids in data["input_ids"]]
+    # a row's tokens: input_ids, or a preference row's prompt and answers (TRL's *_ids columns)
+    columns = [data[c] for c in data.column_names if c.endswith("ids")]
+    lengths = [sum(map(len, parts)) for parts in zip(*columns)]
     size = min(args.per_device_train_batch_size, len(lengths))
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     middle = max(0, len(order) // 2 - size // 2)
     rows = order[middle: middle + size]
-    batch = {k: v.to(args.device) for k, v in trainer.data_collator([data[i] for i in rows]).items()}
+    batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v  # ORPO's batch carries the texts too
+             for k, v in trainer.data_collator([data[i] for i in rows]).items()}
     tokens = sum(lengths[i] for i in rows)
     worst = sum(lengths[i] for i in order[-size:])
     if args.gradient_checkpointing:

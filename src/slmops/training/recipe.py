@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from slmops.artifacts.folders import partial_dir, publish, refuse_existing
 from slmops.artifacts.manifest import peak_memory_mb, write_manifest
 from slmops.data.pairs import prepare_pairs
+from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
 from slmops.models.loading import is_encoder, load_model, resolve
@@ -33,7 +34,8 @@ from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resour
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.model_setup import attach_method, load_base
 from slmops.training.preflight import preflight
-from slmops.training.speed import speed_up
+from slmops.training.stages import STAGES, preference_trainer, stage_config
+from slmops.training.speed import Batching, speed_up
 from slmops.training.speed.logits import causal_lm_loss
 from slmops.training.speed.memory import keep_freed_memory
 
@@ -69,17 +71,24 @@ class FinetuneRecipe:
             raise UsageError(f"{opts.model_name_or_path} is an encoder without a language-model head: train it on "
                              f"sentence pairs (--text_pair_field, --loss contrastive; see docs/custom-loss.md)")
         self.tokenizer = load_tokenizer(self.model_path, opts.trust_remote_code)
-        self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
+        self.preference = opts.stage != "sft"
+        if self.preference:
+            self.data = prepare_preferences(opts, self.tokenizer)
+        else:
+            self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
         self.amp = autocast_dtype(opts)
-        self.args = build_training_args(opts, self.work / "checkpoints", self.amp)
+        config, stage = stage_config(opts.stage, opts.beta, opts.max_seq_len) if self.preference else \
+            (TrainingArguments, {})
+        self.args = build_training_args(opts, self.work / "checkpoints", self.amp, config, **stage)
         if self.encoder:
             self.args.label_names = ["labels"]  # an encoder's forward takes no labels: the Trainer cannot tell
         base = load_base(opts, self.model_path, self.amp, self.args.gradient_checkpointing, self.encoder, self.gpu)
         self.model, self.targets = attach_method(base, opts, self.encoder, self.gpu)
         if not self.gpu:
             keep_freed_memory()
-        self.batching = speed_up(self.model, opts.packing, opts.share_prefix, reads_kept_logits(self.loss), pairs,
-                                 self.tokenizer.pad_token_id)
+        self.batching = Batching(None, False, False, False) if self.preference else \
+            speed_up(self.model, opts.packing, opts.share_prefix, reads_kept_logits(self.loss), pairs,
+                     self.tokenizer.pad_token_id)
         if self.batching.packing:
             self.args.include_num_input_tokens_seen = "all"  # no padding to leave out (and pad may equal EOS)
         self.trainer = self._trainer()
@@ -89,13 +98,17 @@ class FinetuneRecipe:
         work.mkdir(parents=True, exist_ok=True)
         self.stop, self.metrics_log, self.run_loss = GracefulStop(), MetricsLog(work / "metrics.jsonl"), RunLoss()
         extra = [EarlyStoppingCallback(opts.early_stopping_patience)] if opts.early_stopping_patience else []
-        trainer = Trainer(model=self.model, args=self.args, train_dataset=self.data.train,
-                          eval_dataset=self.data.eval, data_collator=self.batching.collator,
-                          compute_loss_func=causal_lm_loss if self.loss is None else None,
-                          processing_class=self.tokenizer,
-                          compute_metrics=compute_metrics if opts.eval_metrics else None,
-                          preprocess_logits_for_metrics=response_correct if opts.eval_metrics else None,
-                          callbacks=[self.metrics_log, Progress(), self.stop, self.run_loss, *extra, *self.callbacks])
+        callbacks = [self.metrics_log, Progress(), self.stop, self.run_loss, *extra, *self.callbacks]
+        if self.preference:
+            trainer = preference_trainer(opts.stage, self.model, self.args, self.data, self.tokenizer, callbacks)
+        else:
+            trainer = Trainer(model=self.model, args=self.args, train_dataset=self.data.train,
+                              eval_dataset=self.data.eval, data_collator=self.batching.collator,
+                              compute_loss_func=causal_lm_loss if self.loss is None else None,
+                              processing_class=self.tokenizer,
+                              compute_metrics=compute_metrics if opts.eval_metrics else None,
+                              preprocess_logits_for_metrics=response_correct if opts.eval_metrics else None,
+                              callbacks=callbacks)
         if self.loss is not None:
             use_loss(trainer, self.loss)
         self.run_loss.bind(trainer, self.resume)
@@ -168,8 +181,9 @@ class FinetuneRecipe:
         publish(work, self.out)
         changes = "; ".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}"
                             for k, v in results["eval_before"].items() if results.get(k) is not None)
-        log.info("train loss %.4f; %s; %.0f tokens/s, %.0f s; wrote %s", results["train_loss"], changes,
-                 results["tokens_per_second"], results["wall_time_s"], self.out)
+        speed = f"{results['tokens_per_second']:.0f} tokens/s, " if results["tokens_per_second"] else ""
+        log.info("train loss %.4f; %s; %s%.0f s; wrote %s", results["train_loss"], changes, speed,
+                 results["wall_time_s"], self.out)
         return self.out
 
     def _results(self, general: dict | None) -> dict[str, Any]:
@@ -177,7 +191,7 @@ class FinetuneRecipe:
         runtime = self.result.metrics.get("train_runtime") or 1e-9
         training = max(runtime - self.metrics_log.eval_seconds, 1e-9)  # tokens/s counts training, not evaluations
         tokens = trainer.state.num_input_tokens_seen
-        wanted = self.opts.eval_metrics or ()
+        wanted = STAGES[self.opts.stage].metrics if self.preference else self.opts.eval_metrics or ()
         return {
             "train_loss": self.run_loss.whole_run(self.result.training_loss, trainer.state.global_step),
             "eval_loss": metrics.get("eval_loss"),
@@ -189,7 +203,8 @@ class FinetuneRecipe:
             "train_runtime_s": runtime,
             "eval_seconds_in_training": round(self.metrics_log.eval_seconds, 2),
             "train_tokens": tokens,
-            "tokens_per_second": round((tokens - self.metrics_log.tokens_at_start) / training, 2),
+            # None where the trainer's batches do not count tokens (TRL's ORPO)
+            "tokens_per_second": round((tokens - self.metrics_log.tokens_at_start) / training, 2) if tokens else None,
             **peak_memory_mb(),
             "preflight": self.estimate,
             "forgetting": general,
