@@ -52,6 +52,8 @@ def test_each_stage_learns_to_prefer_the_right_tone(stage, tiny_llama, tmp_path)
     assert trl_args["beta"] == 0.5 and trl_args["max_length"] == 1024
     results, first, last = manifest["results"], evals(out)[0], evals(out)[-1]
     assert first["step"] == 0 and results["eval_before"]["eval_loss"] == first["eval_loss"]
+    page = (out / "report.html").read_text()
+    assert f"with lora ({stage.upper()}, beta 0.5)" in page and 'id="validation-reward-margin' in page
     if stage == "kto":  # KTO has no pairs to rank: its margin is desirable minus undesirable rewards
         assert last["eval_rewards/margins"] > max(first["eval_rewards/margins"], 0)
     else:
@@ -111,4 +113,45 @@ def test_kto_labels_and_chat_messages(tiny_llama, tmp_path, capsys):
     assert "completion: [{'role': 'assistant', 'content': ' positive'}]" in report
     out = finetune(model_name_or_path=str(tiny_llama), data_name=str(data), stage="kto", use_chat_template=True,
                    output_path=str(tmp_path / "out"), **{**FAST, "eval_split": "train[:3]", "max_steps": 2})
-    assert json.loads((out / "manifest.json").read_text())["data"]["train"] == {"rows": 16, "dropped": {"bad_label": 8}}
+    assert json.loads((out / "manifest.json").read_text())["data"]["train"] == {"rows": 16, "dropped": 8, "dropped_why": {"bad_label": 8}}
+
+
+def test_workflow_sft_then_dpo_pass_then_exported(tiny_llama, sentiment_file, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(32, "dpo"))
+    out = tmp_path / "run"
+    cfg = {"model": {"type": "HfModel", "config": {"model_path": str(tiny_llama)}},
+           "data_configs": [{"name": "reviews", "type": "HuggingfaceContainer",
+                             "load_dataset_config": {"data_files": str(sentiment_file), "split": "train"},
+                             "pre_process_data_config": {"text_template": TEMPLATE.replace("\\\\", "\\")}},
+                            {"name": "prefs", "type": "HuggingfaceContainer",
+                             "load_dataset_config": {"data_files": str(prefs), "split": "train"},
+                             "pre_process_data_config": {"prompt_field": "prompt"}}],
+           "passes": {"sft": {"type": "LoRA", "config": {"r": 4, "max_steps": 2}},
+                      "dpo": {"type": "DPO", "config": {"train_data_config": "prefs", "beta": 0.3, "max_steps": 2}},
+                      "onnx": {"type": "ExtractAdapters", "config": {"parity_prompts": 2}}},
+           "output_dir": str(out)}
+    config = tmp_path / "flow.json"
+    config.write_text(json.dumps(cfg))
+    assert main(["run", "--config", str(config)]) == 0
+    dpo = json.loads((out / "dpo" / "manifest.json").read_text())
+    assert dpo["options"]["stage"] == "dpo" and dpo["options"]["beta"] == 0.3
+    assert dpo["options"]["adapter_path"] == str(out / "sft" / "adapter")  # went on from the SFT pass's adapter
+    assert json.loads((out / "onnx" / "parity.json").read_text())
+    assert list((out / "onnx" / "adapters").glob("*.onnx_adapter"))
+
+
+def test_search_over_beta_by_reward_accuracy(tiny_llama, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(32, "dpo"))
+    out = tmp_path / "run"
+    cfg = {"model": {"type": "HfModel", "config": {"model_path": str(tiny_llama)}},
+           "data_configs": [{"name": "prefs", "type": "HuggingfaceContainer",
+                             "load_dataset_config": {"data_files": str(prefs), "split": "train"}}],
+           "passes": {"dpo": {"type": "DPO", "config": {"max_steps": 3, "learning_rate": 5e-3}}},
+           "search_strategy": {"type": "grid", "num_trials": 2, "metric": "rewards/accuracies"},
+           "search_space": {"beta": {"type": "choice", "values": [0.05, 0.5]}}, "output_dir": str(out)}
+    config = tmp_path / "s.json"
+    config.write_text(json.dumps(cfg))
+    assert main(["search", "--config", str(config)]) == 0
+    results = json.loads((out / "dpo" / "search_results.json").read_text())
+    assert results["metric"] == "eval_rewards/accuracies" and {t["beta"] for t in results["trials"]} == {0.05, 0.5}
+    assert results["best_value"] == max(t["eval_rewards/accuracies"] for t in results["trials"])

@@ -101,6 +101,17 @@ def test_divergence_truncation_and_recorded_warnings():
     assert "20 of 100 train rows" in found[0]
 
 
+def test_preference_runs_warn_at_chance_accuracy_and_collapsing_margins():
+    def evals(accuracy, margin):
+        return [{"step": 3 * i, "eval_loss": 0.7, "eval_rewards/accuracies": a, "eval_rewards/margins": m}
+                for i, (a, m) in enumerate(zip(accuracy, margin))]
+    assert diagnose({}, curves(evals([0.0, 0.8, 0.9], [0.0, 0.4, 0.9]))) == []
+    stuck = diagnose({}, curves(evals([0.0, 0.5, 0.52], [0.0, 0.01, 0.02])))
+    assert [w.split(":")[0] for w in stuck] == ["reward accuracy at chance"] and "0.52" in stuck[0]
+    collapsing = diagnose({}, curves(evals([0.0, 0.9, 0.9, 0.8], [0.0, 1.0, 2.0, 0.6])))
+    assert [w.split(":")[0] for w in collapsing] == ["reward margins collapsing"] and "2 to 0.6" in collapsing[0]
+
+
 def fake_run(tmp_path, manifest: dict, lines: list[str]):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))

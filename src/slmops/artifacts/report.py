@@ -23,12 +23,19 @@ TRUNCATION_SHARE = 0.05  # more than 5% of a split's rows cut at --max_seq_len: 
 IMBALANCE_RATIO = 10  # the label imbalance at which `finetune` itself warns
 FORGETTING_RATIO = 1.5  # general-text perplexity rising more than this: forgetting (finetune warns too)
 
+CHANCE_ACCURACY = 0.55  # a preference run's last validation reward accuracy at or below this: stuck at chance
+MARGIN_COLLAPSE = 0.5  # the last validation reward margin under half its best: the margins are collapsing
+
 Series = list[tuple[float, float]]
 # title, x axis, y axis, the curves drawn together
 PLOTS = (("Loss", "step", "loss", ("train loss", "validation loss")),
          ("Learning rate", "step", "learning rate", ("learning rate",)),
          ("Throughput", "seconds since the start of training", "tokens/s", ("tokens/s",)),
          ("Memory", "seconds since the start of training", "MB", ("resident memory", "GPU memory")))
+# a preference stage's own curves (TRL's logs), drawn when the run has them
+PREFERENCE_PLOTS = (("Reward margin", "step", "chosen - rejected reward", ("reward margin", "validation reward margin")),
+                    ("Reward accuracy", "step", "pairs ranked right", ("reward accuracy", "validation reward accuracy")),
+                    ("Log-probabilities", "step", "log p of the answer", ("chosen log-prob", "rejected log-prob")))
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}td,th{padding:2px 10px;text-align:left;
 vertical-align:top}tr:nth-child(even){background:#f4f4f4}.plots{display:grid;grid-template-columns:1fr 1fr;gap:1em}
@@ -84,13 +91,33 @@ def curves(events: Iterable[dict]) -> dict[str, Series]:
     return {"train loss": points("step", "loss"), "validation loss": points("step", "eval_loss"),
             "learning rate": points("step", "learning_rate"), "tokens/s": points("time_s", "tokens_per_second"),
             "resident memory": points("time_s", "rss_mb", "eval_rss_mb"),
-            "GPU memory": points("time_s", "gpu_memory_mb", "eval_gpu_memory_mb")}
+            "GPU memory": points("time_s", "gpu_memory_mb", "eval_gpu_memory_mb"),
+            "reward margin": points("step", "rewards/margins"),
+            "validation reward margin": points("step", "eval_rewards/margins"),
+            "reward accuracy": points("step", "rewards/accuracies"),
+            "validation reward accuracy": points("step", "eval_rewards/accuracies"),
+            "chosen log-prob": points("step", "logps/chosen"), "rejected log-prob": points("step", "logps/rejected")}
 
 
 def diagnose(manifest: dict, series: dict[str, Series]) -> list[str]:
     """Problems a reader should see first: read off the curves, plus those the run already recorded."""
     results, data = manifest.get("results") or {}, manifest.get("data") or {}
-    return [*_curve_warnings(series), *_data_warnings(data), *_run_warnings(results)]
+    return [*_curve_warnings(series), *_preference_warnings(series), *_data_warnings(data), *_run_warnings(results)]
+
+
+def _preference_warnings(series: dict[str, Series]) -> list[str]:
+    """A preference run that learns nothing: reward accuracy at chance, or margins that grew and fell back."""
+    found = []
+    accuracy = [v for step, v in series.get("validation reward accuracy", []) if step > 0]
+    if accuracy and accuracy[-1] <= CHANCE_ACCURACY:
+        found.append(f"reward accuracy at chance: the last validation reward accuracy is {_fmt(accuracy[-1])}; "
+                     f"raise --learning_rate or train longer, and check with `slmops data check --stage ...` that "
+                     f"chosen and rejected answers differ in what matters")
+    margins = [v for _, v in series.get("validation reward margin", [])]
+    if len(margins) > 2 and max(margins) > 0 and margins[-1] < MARGIN_COLLAPSE * max(margins):
+        found.append(f"reward margins collapsing: the validation margin fell from {_fmt(max(margins))} to "
+                     f"{_fmt(margins[-1])}; lower --learning_rate, or keep an earlier checkpoint")
+    return found
 
 
 def _curve_warnings(series: dict[str, Series]) -> list[str]:
@@ -161,10 +188,11 @@ def render(manifest: dict, events: list[dict]) -> str:
         f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>slmops report: {_e(name)}</title>",
         f"<style>{STYLE}</style></head><body><h1>slmops report: {_e(name)}</h1>",
         f"<p>{_e(manifest.get('command', 'finetune'))} of <code>{_e(options.get('model_name_or_path'))}</code> "
-        f"with {_e(options.get('method'))} on <code>{_e(options.get('data_name'))}</code>: "
+        f"with {_e(options.get('method'))}{_e(_stage(options))} on <code>{_e(options.get('data_name'))}</code>: "
         f"{_e(_fmt(results.get('global_step')))} steps, {_e(_fmt(results.get('wall_time_s')))} s.</p>",
         f"<h2>Warnings</h2>{warn}", "<h2>Curves</h2><div class=plots>",
-        *(_plot(title, x, y, {n: series[n] for n in names}) for title, x, y, names in PLOTS), "</div>",
+        *(_plot(title, x, y, {n: series[n] for n in names}) for title, x, y, names in PLOTS + tuple(
+            p for p in PREFERENCE_PLOTS if any(series[n] for n in p[3]))), "</div>",
         "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, options),
         "<h2>Results</h2>", _table(_flat({k: v for k, v in results.items() if k != "eval_before"})),
         "<h2>Data</h2>", _data(manifest.get("data") or {}),
@@ -172,6 +200,11 @@ def render(manifest: dict, events: list[dict]) -> str:
         "<details><summary>Training arguments</summary>",
         _table(_flat((manifest.get("resolved") or {}).get("training_args") or {})), "</details>",
         "<h2>Environment</h2>", _table(_flat(environment)), "</body></html>\n"])
+
+
+def _stage(options: dict) -> str:
+    stage = options.get("stage") or "sft"
+    return "" if stage == "sft" else f" ({stage.upper()}, beta {_fmt(options.get('beta') or 0.1)})"
 
 
 def _plot(title: str, xlabel: str, ylabel: str, lines: dict[str, Series]) -> str:

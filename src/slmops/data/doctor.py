@@ -32,7 +32,7 @@ def preference_report(data: PreparedData, stage: str) -> str:
     stats, checks = data.stats, data.stats["checks"]
     lines = []
     for name in ("train", "eval"):
-        dropped = stats[name]["dropped"]
+        dropped = stats[name]["dropped_why"]
         lines.append(f"{name}: {stats[name]['rows']} {'answers' if stage == 'kto' else 'pairs'} kept; dropped: "
                      + (", ".join(f"{n} with {WHY[why]}" for why, n in dropped.items()) or "none"))
     lines.append(f"validation prompts also in training: {checks['eval_prompts_in_train']}")

@@ -66,7 +66,7 @@ def prepare_preferences(cfg: DataOptions, tokenizer: Any) -> PreparedData:
         for row in kept:
             fingerprint.update(json.dumps(row, sort_keys=True).encode())
         splits[name] = Dataset.from_list(kept)
-        stats[name] = {"rows": len(kept), "dropped": dict(dropped)}
+        stats[name] = {"rows": len(kept), "dropped": sum(dropped.values()), "dropped_why": dict(dropped)}
     stats["fingerprint"] = fingerprint.hexdigest()
     stats["checks"] = _checks(splits, cfg.stage)
     return PreparedData(splits["train"], splits["eval"], stats)

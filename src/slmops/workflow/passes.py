@@ -60,10 +60,12 @@ def finetune(step: Step) -> ModelRef:
     if step.model.onnx:
         raise UsageError(f"passes.{step.name}: cannot fine-tune an ONNX model; fine-tune the PyTorch model "
                          f"before the export pass")
-    if step.model.adapter:
+    updates: dict[str, Any] = {"model_name_or_path": step.model.path, "output_path": str(step.out)}
+    if step.model.adapter and step.options.stage != "sft":
+        updates["adapter_path"] = step.model.adapter  # SFT, then a preference stage on the same adapter
+    elif step.model.adapter:
         raise UsageError(f"passes.{step.name}: the model already carries an adapter from an earlier pass; put a "
                          f"MergeAdapterWeights pass before this one to train on top of it")
-    updates: dict[str, Any] = {"model_name_or_path": step.model.path, "output_path": str(step.out)}
     if step.owned:  # our folder: an interrupted attempt of this very pass resumes, anything else is redone
         updates.update(overwrite=True, resume_from_checkpoint=step.options.resume_from_checkpoint or "auto")
     return trained_model(step.model.path, train(step.with_options(**updates), step.callbacks))
@@ -170,11 +172,19 @@ OTHER_TYPES: dict[str, PassType] = {
 }
 
 
+# Preference stages as pass types (TRL's names): `type: DPO` with `method: lora` (the default) and so on in its
+# config; after a LoRA-style pass it goes on training that pass's adapter.
+STAGE_TYPES = {"DPO": "dpo", "ORPO": "orpo", "KTO": "kto"}
+
+
 def pass_types() -> dict[str, PassType]:
-    """Every pass type by name: one fine-tuning type per registered method, then the others."""
+    """Every pass type by name: one fine-tuning type per registered method, one per preference stage, then
+    the others."""
     return {**{m.pass_type: PassType(FinetuneOptions, finetune, (("bitsandbytes", "bitsandbytes>=0.45"),)
                                      if m.quantized else (), FINETUNE_IGNORED, {"method": m.name})
-               for m in METHODS.values()}, **OTHER_TYPES}
+               for m in METHODS.values()},
+            **{name: PassType(FinetuneOptions, finetune, (), FINETUNE_IGNORED, {"stage": stage})
+               for name, stage in STAGE_TYPES.items()}, **OTHER_TYPES}
 
 
 def is_finetune(pass_type: str) -> bool:
