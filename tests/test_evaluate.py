@@ -98,7 +98,7 @@ def test_likelihood_classification_matches_brute_force(backend, raw, tiny_llama,
     prompts = [f"Review: {r['phrase']}\nTone: " for r in rows]
     expected = [[brute_force_logprob(*raw, p, label) for label in LABELS] for p in prompts]
     got = backend.continuation_logprobs([p for p in prompts for _ in LABELS], LABELS * len(prompts))
-    assert [s for s, _ in got] == pytest.approx([s for row in expected for s in row], abs=1e-4)
+    assert [s.logprob for s in got] == pytest.approx([s for row in expected for s in row], abs=1e-4)
     predicted = [LABELS[row.index(max(row))] for row in expected]
     result = evaluate(str(tiny_llama), data_name=str(data), text_template=TEMPLATE,
                       metrics="accuracy,f1", progress=False)
@@ -115,8 +115,9 @@ def test_batched_equals_unbatched(backend, tiny_llama, tmp_path):
     prompts, conts = texts + [texts[0], texts[0]], conts + [" positive", " positive film"]
     batched = backend.continuation_logprobs(prompts, conts)
     single = [backend.continuation_logprobs([t], [c])[0] for t, c in zip(prompts, conts)]
-    assert [n for _, n in batched] == [n for _, n in single]
-    assert [s for s, _ in batched] == pytest.approx([s for s, _ in single], abs=1e-4)
+    assert [s.tokens for s in batched] == [s.tokens for s in single]
+    assert [s.greedy for s in batched] == [s.greedy for s in single]
+    assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in single], abs=1e-4)
     nll, count = backend.text_nll(texts)
     parts = [backend.text_nll([t]) for t in texts]
     assert count == sum(n for _, n in parts) and nll == pytest.approx(sum(s for s, _ in parts), rel=1e-5)

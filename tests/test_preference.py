@@ -1,5 +1,5 @@
 """Preference stages (`--stage dpo|orpo|kto`) through TRL's trainers on a tiny model: each learns to prefer
-the right tone, DPO goes on from an SFT adapter against that adapter as its reference and resumes exactly
+the right tone, DPO goes on from an SFT adapter against that adapter as its reference, each stage resumes exactly
 after an interruption, and rows that cannot teach anything are counted or refused in one line."""
 
 from __future__ import annotations
@@ -77,6 +77,17 @@ def test_dpo_goes_on_from_an_sft_adapter_and_resumes_exactly(tiny_llama, sentime
     with pytest.raises(Interrupted, match="resume_from_checkpoint auto"):
         run(tiny_llama, "dpo", cut, callbacks=[SignalAt(3)], **kw)
     run(tiny_llama, "dpo", cut, resume_from_checkpoint="auto", **kw)
+    assert losses(cut)[-1] == pytest.approx(losses(whole)[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["orpo", "kto"])
+def test_orpo_and_kto_resume_exactly(stage, tiny_llama, tmp_path):
+    whole = run(tiny_llama, stage, tmp_path / "whole", max_steps=6)
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted, match="resume_from_checkpoint auto"):
+        run(tiny_llama, stage, cut, callbacks=[SignalAt(3)], max_steps=6)
+    run(tiny_llama, stage, cut, resume_from_checkpoint="auto", max_steps=6)
+    assert len(losses(cut)) == len(losses(whole)) == 6
     assert losses(cut)[-1] == pytest.approx(losses(whole)[-1], rel=1e-5)
 
 

@@ -18,6 +18,7 @@ from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.generate_options import GenerateOptions
 from slmops.options.methods import METHODS
+from slmops.options.review_options import ReviewOptions
 from slmops.workflow.engine import run_workflow
 from slmops.workflow.reading import load_workflow, validate
 from slmops.workflow.passes import ModelRef, Workflow
@@ -67,6 +68,14 @@ def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = N
     return evaluate_and_save(opts, progress)
 
 
+def benchmark(**options: Any) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on one model or several (`compare`); writes them when `output_path` is given."""
+    from slmops.evaluation.harness import run_benchmark
+    from slmops.options.benchmark_options import BenchmarkOptions
+
+    return run_benchmark(BenchmarkOptions.build(**options))
+
+
 def generate(prompt: str, on_text: Callable[[str], None] | None = None, **options: Any) -> str:
     """The model's continuation of `prompt`; `on_text` receives it piece by piece."""
     from slmops.generation import generate as continue_text
@@ -89,3 +98,84 @@ def run_command(wf: Workflow, save_config_file: str | None = None) -> ModelRef:
         log.info("wrote %s (run it with: slmops run --config %s)", save_config(wf, save_config_file),
                  save_config_file)
     return run_workflow(wf)
+
+
+def review(**options: Any) -> Path:
+    """The review folder of `slmops review` (answers generated, votes database ready); serve it with
+    `slmops review -o FOLDER`."""
+    return prepare_review(ReviewOptions.build(**{"serve": False, **options}))
+
+
+def prepare_review(opts: ReviewOptions) -> Path:
+    """Continue the review in --output_path, or make it: read the prompts, name the models, generate what the
+    prompts file does not already answer, write the folder. Returns the folder."""
+    out = Path(opts.output_path or f"reviews/{Path(opts.prompts or '').stem}").expanduser()
+    from slmops.artifacts.folders import refuse_existing
+    from slmops.review.collect import check_continues, create, is_review, name_models, read_prompts
+
+    prompts = read_prompts(opts.prompts) if opts.prompts else []
+    if is_review(out) and not opts.overwrite:
+        check_continues(out, name_models(opts.models, prompts) if prompts or opts.models else None, opts.prompts)
+        log.info("continuing the review in %s", out)
+        return out
+    if not opts.prompts:
+        raise UsageError(f"no review to continue in {out}; pass --prompts FILE (and --models) to start one")
+    refuse_existing(out, opts.overwrite)
+    models = name_models(opts.models, prompts)
+    todo = {name: [p for p in prompts if name not in p.answers] for name in models}
+    sources = {name: _locate(models[name]) for name, rows in todo.items() if rows}  # every path, before any load
+    answers = {name: {p.key: p.answers[name] for p in prompts if name in p.answers} for name in models}
+    for name, source in sources.items():
+        log.info("%s: generating %d answers with %s", name, len(todo[name]), models[name])
+        texts = _answers(source, [p.text for p in todo[name]], opts)
+        answers[name].update(zip((p.key for p in todo[name]), texts))
+    create(out, prompts, models, answers, opts.model_dump())
+    return out
+
+
+def _locate(spec: str) -> tuple[str, Path | None, str | None]:
+    """(model, PEFT adapter folder, ONNX adapter name) for a --models PATH, read as `evaluate --compare` reads
+    a run: MODEL, MODEL@ADAPTER, @ADAPTER (on the base the adapter records), or an adapter folder or finetune
+    output folder alone. A path that cannot be a model is refused now, before any model is loaded."""
+    from slmops.evaluation.backends import model_and_adapter, split_spec
+    from slmops.models.genai import is_genai_folder
+    from slmops.models.loading import resolve
+
+    model, adapter_folder, onnx_adapter = model_and_adapter(*split_spec(spec))
+    if not is_genai_folder(model):
+        resolve(model)
+    return model, adapter_folder, onnx_adapter
+
+
+def _answers(source: tuple[str, Path | None, str | None], texts: list[str], opts: ReviewOptions) -> list[str]:
+    """Greedy answers, in batches; with --use_chat_template each prompt is one user message."""
+    from slmops.evaluation.backends import load_backend
+
+    model, adapter, onnx_adapter = source
+    backend = load_backend(model, adapter, opts.trust_remote_code, onnx_adapter)
+    if opts.use_chat_template:
+        texts = _chat_prompts(model, adapter, texts, opts.trust_remote_code)
+    answers: list[str] = []
+    for start in range(0, len(texts), opts.batch_size):
+        answers += backend.generate(texts[start:start + opts.batch_size], opts.max_new_tokens)
+    return [a.strip() for a in answers]
+
+
+def _chat_prompts(model: str, adapter: Path | None, texts: list[str], trust_remote_code: bool) -> list[str]:
+    """Each text as one user turn through the tokenizer's chat template, ready for the assistant's answer.
+    A leading BOS the template writes is dropped when the tokenizer adds its own (no doubled BOS)."""
+    from slmops.models.genai import is_genai_folder
+    from slmops.models.loading import resolve
+    from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
+
+    folder = model if is_genai_folder(model) else tokenizer_folder(adapter, resolve(model))
+    tok = load_tokenizer(folder, trust_remote_code)
+    if not tok.chat_template:
+        raise UsageError(f"--use_chat_template: {model}'s tokenizer has no chat template; drop the flag, or write "
+                         f"the template into each prompt")
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                for t in texts]
+    bos = tok.bos_token
+    if bos and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
+        rendered = [r.removeprefix(bos) for r in rendered]
+    return rendered

@@ -47,12 +47,14 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the page atomically (a half-written report is never left behind) and return its path."""
     run_dir = Path(run_dir).expanduser()
     manifest, events = read_run(run_dir)
+    bench = run_dir / "benchmark.json"
+    benchmark = json.loads(bench.read_text(encoding="utf-8")) if bench.is_file() else None
     target = Path(output).expanduser() if output else run_dir / "report.html"
     target = target / "report.html" if target.is_dir() else target
     if not target.parent.is_dir():
         raise UsageError(f"--output {target}: the folder {target.parent} does not exist; create it or choose "
                          f"another path")
-    return write_text(target, render(manifest, events))
+    return write_text(target, render(manifest, events, benchmark))
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -173,8 +175,9 @@ def _run_warnings(results: dict) -> list[str]:
     return found
 
 
-def render(manifest: dict, events: list[dict]) -> str:
-    """The whole page; every string that comes from the run is escaped."""
+def render(manifest: dict, events: list[dict], benchmark: dict | None = None) -> str:
+    """The whole page; every string that comes from the run is escaped. `benchmark`: what `slmops
+    benchmark` wrote into the run folder."""
     series = curves(events)
     options, results = manifest.get("options") or {}, manifest.get("results") or {}
     name = options.get("task_name") or options.get("output_path") or "run"
@@ -194,12 +197,33 @@ def render(manifest: dict, events: list[dict]) -> str:
         *(_plot(title, x, y, {n: series[n] for n in names}) for title, x, y, names in PLOTS + tuple(
             p for p in PREFERENCE_PLOTS if any(series[n] for n in p[3]))), "</div>",
         "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, options),
+        *(_benchmark(benchmark) if benchmark else ()),
         "<h2>Results</h2>", _table(_flat({k: v for k, v in results.items() if k != "eval_before"})),
         "<h2>Data</h2>", _data(manifest.get("data") or {}),
         "<h2>Configuration</h2>", _table(_flat(options)), "<h3>Resolved</h3>", _table(_flat(resolved)),
         "<details><summary>Training arguments</summary>",
         _table(_flat((manifest.get("resolved") or {}).get("training_args") or {})), "</details>",
         "<h2>Environment</h2>", _table(_flat(environment)), "</body></html>\n"])
+
+
+def _benchmark(summary: dict) -> list[str]:
+    """A table per lm-eval task: its metrics as rows, the models scored as columns, value ± standard error."""
+    models = [m.get("model", "") + (f" + {m['adapter']}" if m.get("adapter") else "") + f" ({m.get('backend')})"
+              for m in summary.get("models", [])]
+    parts = ["<h2>Benchmarks (lm-evaluation-harness)</h2>"]
+    for task in summary.get("tasks", []):
+        per_model = [s.get(task, {}) for s in summary.get("scores", [])]
+        metrics = list(dict.fromkeys(k for scores in per_model for k in scores))
+        rows = [(metric, *(_with_error(scores.get(metric)) for scores in per_model)) for metric in metrics]
+        parts += [f"<h3>{_e(task)}</h3>", _table(rows, ("metric", *models))]
+    return parts
+
+
+def _with_error(cell: list | None) -> str:
+    if not cell:
+        return "-"
+    value, stderr = cell
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
 
 
 def _stage(options: dict) -> str:

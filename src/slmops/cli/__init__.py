@@ -33,6 +33,13 @@ def add_save_config(parser: argparse.ArgumentParser) -> None:
                         help="also write the workflow this command runs (.yaml or .json) for `slmops run --config`")
 
 
+def columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain-text table: the first column left-aligned, the numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [header, *rows]]
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is now, so a redirected or captured stderr keeps working."""
 
@@ -61,12 +68,12 @@ def setup_logging(level: int) -> None:
 
 def build_parser(chosen: str | None = None) -> tuple[Parser, dict[str, Callable[[argparse.Namespace], int]]]:
     """Every command's parser; only `chosen` gets its TrainingArguments flags (importing them costs seconds)."""
-    from slmops.cli import data, evaluate, export, finetune, generate, models, report, run, serve
+    from slmops.cli import benchmark, data, evaluate, export, finetune, generate, models, report, review, run, serve
 
     parser = Parser(prog="slmops", description="Fine-tune, evaluate, optimise and ship small language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
-    for module in (finetune, generate, models, data, report, evaluate, export, run, serve):
+    for module in (finetune, generate, models, data, report, evaluate, benchmark, export, run, serve, review):
         handlers.update(module.register(sub, full=module.__name__.endswith(f".{chosen}")))
     return parser, handlers
 

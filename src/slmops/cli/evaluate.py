@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slmops.cli import add_log_level
+from slmops.cli import add_log_level, columns
 from slmops.cli.flags import add_options, given
 from slmops.errors import UsageError
 from slmops.options.evaluate_options import EvaluateOptions
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 def handle(args: argparse.Namespace) -> int:
     from slmops.api import evaluate
+    from slmops.evaluation.backends import split_spec
 
     options = given(args, "compare")
     progress = args.log_level < 2
@@ -52,7 +53,8 @@ def handle(args: argparse.Namespace) -> int:
         output = options.pop("output_path", None)
         runs = []
         for item in args.compare:
-            runs += _read_runs(item) or [evaluate(progress=progress, **{**options, **_spec(item)})]
+            model, adapter = split_spec(item)
+            runs += _read_runs(item) or [evaluate(model, adapter, progress=progress, **options)]
         print(compare_table(runs))
         results: dict[str, Any] = {"runs": runs}
         if output:
@@ -77,14 +79,14 @@ def table(result: dict[str, Any]) -> str:
              f"data: {', '.join(data['data_files'] or [data['data_name']])} [{data['split']}], {data['rows']} rows, "
              f"fingerprint {data['fingerprint'][:12]}",
              f"task: {how}",
-             "", *_grid(["metric", "value"], [[k, _fmt(k, v)] for k, v in result["metrics"].items()])]
+             "", *columns(["metric", "value"], [[k, _fmt(k, v)] for k, v in result["metrics"].items()])]
     if result.get("per_class"):
         keys = ("precision", "recall", "f1", "support")
-        lines += ["", *_grid(["label", *keys], [[label, *(_fmt(k, c[k]) for k in keys)]
+        lines += ["", *columns(["label", *keys], [[label, *(_fmt(k, c[k]) for k in keys)]
                                                  for label, c in result["per_class"].items()])]
         conf = result["confusion"]
         lines += ["", "confusion (rows: true label, columns: predicted):",
-                  *_grid(["", *conf["predicted"]],
+                  *columns(["", *conf["predicted"]],
                          [[t, *map(str, row)] for t, row in zip(conf["true"], conf["counts"])])]
     return "\n".join(lines)
 
@@ -95,7 +97,7 @@ def compare_table(runs: list[dict[str, Any]]) -> str:
     rows = [[k, *(_fmt(k, r["metrics"].get(k)) for r in runs)] for k in names]
     rows += [["rows", *(str(r["data"]["rows"]) for r in runs)],
              ["data", *(r["data"]["fingerprint"][:12] for r in runs)]]
-    lines = _grid(["metric", *(f"[{i}]" for i in range(1, len(runs) + 1))], rows)
+    lines = columns(["metric", *(f"[{i}]" for i in range(1, len(runs) + 1))], rows)
     lines += [""] + [f"[{i}] {_name(r)} ({r['backend']}, {r['task']})" for i, r in enumerate(runs, start=1)]
     if len({r["data"]["fingerprint"] for r in runs}) > 1:
         lines.append("warning: the runs were evaluated on different rows (data fingerprints differ); "
@@ -123,14 +125,6 @@ def _read_runs(item: str) -> list[dict[str, Any]]:
     return runs
 
 
-def _spec(item: str) -> dict[str, str | None]:
-    """MODEL, MODEL@ADAPTER or @ADAPTER (a path containing @ that exists is a model)."""
-    if "@" not in item or Path(item).expanduser().exists():
-        return {"model_name_or_path": item, "adapter_path": None}
-    model, _, adapter = item.rpartition("@")
-    return {"model_name_or_path": model or None, "adapter_path": adapter}
-
-
 def _name(result: dict[str, Any]) -> str:
     return result["model"] + (f" + adapter {result['adapter']}" if result.get("adapter") else "")
 
@@ -141,10 +135,3 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if key in FRACTIONS else f"{value:.2f}"
     return str(value)
-
-
-def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Plain columns: the first left-aligned, the numbers right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            for r in [header, *rows]]

@@ -9,12 +9,14 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from slmops.cli.flags import flag_kind, spellings
+from slmops.options.benchmark_options import BenchmarkOptions
 from slmops.options.evaluate_options import EvaluateOptions
 from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
 from slmops.options.fields import GROUPS, meta
 from slmops.options.finetune_options import DataOptions, FinetuneOptions
 from slmops.options.generate_options import GenerateOptions
 from slmops.options.methods import METHODS
+from slmops.options.review_options import ReviewOptions
 from slmops.options.serve_options import ServeOptions
 
 COMMANDS: tuple[tuple[str, type[BaseModel], str], ...] = (
@@ -26,6 +28,8 @@ COMMANDS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("generate-adapter", ExtractAdaptersOptions, ""),
     ("generate", GenerateOptions, ""),
     ("serve", ServeOptions, "MODEL may also be given first, without a flag: `slmops serve MODEL`."),
+    ("benchmark", BenchmarkOptions, "lm-evaluation-harness tasks; see [benchmark.md](benchmark.md)."),
+    ("review", ReviewOptions, "Blind side-by-side human review; see [review.md](review.md)."),
 )
 HEAD = """# Command-line reference
 

@@ -8,14 +8,14 @@ one batch; `evaluate` does the batching, ordering, timing and progress.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from slmops.data.formatting import IGNORE, tokenize
 from slmops.errors import UsageError
-from slmops.models.adapters import attach_adapter
+from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
 from slmops.models.genai import GenaiModel, is_genai_folder
 from slmops.models.loading import load_model, resolve
 from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
@@ -23,14 +23,23 @@ from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 NO_LIMIT = 1 << 30  # evaluation scores the whole text: no --max_seq_len truncation
 
 
+class Score(NamedTuple):
+    """A continuation's summed log-probability, the tokens it covers, and whether greedy decoding would have
+    produced every one of them (lm-evaluation-harness's `is_greedy`)."""
+
+    logprob: float
+    tokens: int
+    greedy: bool
+
+
 class Backend(Protocol):
     """All `evaluate` asks of a model; greedy decoding only, so results are reproducible across runtimes."""
 
     name: str  # recorded in results.json: "torch", "onnx-genai", ...
 
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
-        """Per pair: the summed log-probability of `continuation` following `prompt`, and how many tokens
-        that covers. The tokens are those of `prompt + continuation` tokenized as one text that overlap the
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
+        """Per pair: the summed log-probability of `continuation` following `prompt`, how many tokens
+        that covers, and whether each is the model's top choice. The tokens are those of `prompt + continuation` tokenized as one text that overlap the
         continuation (as `finetune` masks the loss), so a token straddling the boundary counts."""
         ...
 
@@ -47,17 +56,43 @@ class Backend(Protocol):
         ...
 
 
+def split_spec(item: str) -> tuple[str | None, str | None]:
+    """A --compare item: MODEL, MODEL@ADAPTER or @ADAPTER (a path containing @ that exists is a model)."""
+    if "@" not in item or Path(item).expanduser().exists():
+        return item, None
+    model, _, adapter = item.rpartition("@")
+    return model or None, adapter
+
+
+def model_and_adapter(model_name_or_path: str | None, adapter_path: str | None) -> tuple[str, Path | None, str | None]:
+    """What `-m` and `--adapter_path` name: the model, its PEFT adapter folder (a finetune output folder's
+    adapter/), or for an exported folder the name of one of its adapters; no `-m`: the adapter's base. `-m`
+    alone may be an adapter folder, or a finetune output folder holding one: its base plus that adapter."""
+    onnx = model_name_or_path is not None and is_genai_folder(model_name_or_path)
+    run = Path(model_name_or_path or "").expanduser()
+    if model_name_or_path and adapter_path is None and not onnx and run.is_dir() and \
+            any((run / sub / "adapter_config.json").is_file() for sub in ("", "adapter")) and \
+            not any((run / sub / "config.json").exists() for sub in ("", "model")):
+        model_name_or_path, adapter_path = None, model_name_or_path  # an adapter (or its run folder): base + it
+    adapter = adapter_dir(adapter_path) if adapter_path and not onnx else None
+    if model_name_or_path is None:
+        if adapter is None:
+            raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
+        model_name_or_path = base_model_of(adapter)
+    return model_name_or_path, adapter, adapter_path if onnx else None
+
+
 def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,
-                 onnx_adapter: str | None = None) -> Backend:
+                 onnx_adapter: str | None = None, cuda: bool | None = None) -> Backend:
     """The backend for a model: an ONNX Runtime GenAI folder (with `onnx_adapter` naming one of its
-    adapters) or anything transformers loads (with a PEFT `adapter` folder)."""
+    adapters) or anything transformers loads (with a PEFT `adapter` folder; `cuda` None: where present)."""
     if is_genai_folder(model_name_or_path):
         return OnnxBackend(model_name_or_path, onnx_adapter)
     folder = Path(model_name_or_path).expanduser()
     if folder.is_dir() and any(folder.glob("*.onnx")):
         raise UsageError(f"not an ONNX Runtime GenAI folder: {model_name_or_path} holds .onnx files but no "
                          f"genai_config.json; export one with `slmops auto-opt`")
-    return TorchBackend.load(model_name_or_path, adapter, trust_remote_code)
+    return TorchBackend.load(model_name_or_path, adapter, trust_remote_code, cuda)
 
 
 def _continuation_rows(tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str]):
@@ -72,8 +107,8 @@ def _continuation_rows(tokenizer: Any, prompts: Sequence[str], continuations: Se
 
 
 def _scores(input_ids: list[list[int]], labels: list[list[int]],
-            run_logits: Callable[[list[list[int]]], Sequence[torch.Tensor]]) -> list[tuple[float, int]]:
-    """Summed log-probability and count of each row's labelled tokens.
+            run_logits: Callable[[list[list[int]]], Sequence[torch.Tensor]]) -> list[Score]:
+    """Summed log-probability, count and greediness of each row's labelled tokens.
 
     The model reads a row up to its last token; a row whose input is the start of another's takes its
     logits from that row's pass, so a prompt scored against one-token labels runs once, not per label.
@@ -88,14 +123,16 @@ def _scores(input_ids: list[list[int]], labels: list[list[int]],
             runs.append(inputs[i])
     picks = [(i, pos, target) for i, row in enumerate(labels) for pos, target in enumerate(row[1:])
              if target != IGNORE]
-    sums, counts = [0.0] * len(inputs), [0] * len(inputs)
+    sums, counts, greedy = [0.0] * len(inputs), [0] * len(inputs), [True] * len(inputs)
     if not picks:
-        return list(zip(sums, counts))
+        return [Score(*row) for row in zip(sums, counts, greedy)]
     logits = run_logits(runs)
     for i, pos, target in picks:
-        sums[i] += F.log_softmax(logits[source[i]][pos].float(), -1)[target].item()
+        row = F.log_softmax(logits[source[i]][pos].float(), -1)
+        sums[i] += row[target].item()
         counts[i] += 1
-    return list(zip(sums, counts))
+        greedy[i] = greedy[i] and int(row.argmax()) == target
+    return [Score(*row) for row in zip(sums, counts, greedy)]
 
 
 class TorchBackend:
@@ -109,11 +146,11 @@ class TorchBackend:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, model_name_or_path: str, adapter: Path | None = None,
-             trust_remote_code: bool = False) -> TorchBackend:
+    def load(cls, model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,
+             cuda: bool | None = None) -> TorchBackend:
         path = resolve(model_name_or_path)
         tokenizer = load_tokenizer(tokenizer_folder(adapter, path), trust_remote_code)
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() if cuda is None else cuda
         model = load_model(path, torch.bfloat16 if cuda else torch.float32, trust_remote_code,
                            device_map="cuda" if cuda else None)
         if adapter is not None:
@@ -121,14 +158,14 @@ class TorchBackend:
         return cls(model, tokenizer)
 
     @torch.no_grad()
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
         return _scores(*_continuation_rows(self.tokenizer, prompts, continuations), self._run_logits)
 
     @torch.no_grad()
     def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
         ids = self.tokenizer(list(texts))["input_ids"]
         scores = _scores(ids, ids, self._run_logits)
-        return -sum(s for s, _ in scores), sum(n for _, n in scores)
+        return -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -165,13 +202,13 @@ class OnnxBackend:
             self.model.check_adapter(adapter)
         self.adapter = adapter
 
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[tuple[float, int]]:
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
         return _scores(*_continuation_rows(self.tokenizer, prompts, continuations), self._run_logits)
 
     def text_nll(self, texts: Sequence[str]) -> tuple[float, int]:
         ids = self.tokenizer(list(texts))["input_ids"]
         scores = _scores(ids, ids, self._run_logits)
-        return -sum(s for s, _ in scores), sum(n for _, n in scores)
+        return -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         ids = self.tokenizer(list(prompts))["input_ids"]

@@ -25,9 +25,7 @@ from slmops.data.prepare import MAX_STRATIFY_CLASSES, drop_empty
 from slmops.data.sources import load_split
 from slmops.errors import UsageError
 from slmops.evaluation import metrics as M
-from slmops.evaluation.backends import Backend, load_backend
-from slmops.models.adapters import adapter_dir, base_model_of
-from slmops.models.genai import is_genai_folder
+from slmops.evaluation.backends import Backend, load_backend, model_and_adapter
 from slmops.options.evaluate_options import EvaluateOptions
 
 NEEDS_RESPONSE = ("accuracy", "f1", "exact_match", "perplexity", "bleu", "rouge")
@@ -54,20 +52,16 @@ def evaluate(opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
     """Score a model (plus adapter) on one split: `eval_split`, else `train_split` (by default all rows of a
     file). Returns what results.json holds, so runs on other backends or other days compare side by side."""
     start = time.perf_counter()
-    model_name_or_path, adapter_path = opts.model_name_or_path, opts.adapter_path
-    onnx = model_name_or_path is not None and is_genai_folder(model_name_or_path)
-    adapter = adapter_dir(adapter_path) if adapter_path and not onnx else None  # an ONNX folder's is a name
-    if model_name_or_path is None:
-        model_name_or_path = base_model_of(adapter)
+    model_name_or_path, adapter, onnx_adapter = model_and_adapter(opts.model_name_or_path, opts.adapter_path)
     split = opts.eval_split or opts.train_split
     ev = load_data(opts, split)
     wanted = opts.metrics or list(DEFAULTS[ev.task])
     _check_task(wanted, ev)
     predict, batch_size = opts.predict, opts.batch_size
 
-    backend = load_backend(model_name_or_path, adapter, opts.trust_remote_code, adapter_path if onnx else None)
+    backend = load_backend(model_name_or_path, adapter, opts.trust_remote_code, onnx_adapter)
     values: dict[str, Any] = {}
-    out: dict[str, Any] = {"model": model_name_or_path, "adapter": str(adapter) if adapter else adapter_path,
+    out: dict[str, Any] = {"model": model_name_or_path, "adapter": str(adapter) if adapter else onnx_adapter,
                            "backend": backend.name, "task": ev.task, "labels": ev.labels or None}
     if ev.task != "text":
         mode, prompts, request, new_tokens = _requests(backend, ev, predict, opts.max_new_tokens)
@@ -186,7 +180,7 @@ def _likeliest(backend: Backend, prompts: list[str], labels: list[str]) -> list[
     scores = backend.continuation_logprobs([p for p in prompts for _ in labels],
                                            [label for _ in prompts for label in labels])
     k = len(labels)
-    return [labels[max(range(k), key=lambda j: scores[i * k + j][0])] for i in range(len(prompts))]
+    return [labels[max(range(k), key=lambda j: scores[i * k + j].logprob)] for i in range(len(prompts))]
 
 
 def _quality(wanted: list[str], predictions: list[str], ev: EvalData, out: dict[str, Any]) -> dict[str, float]:
@@ -219,7 +213,7 @@ def _perplexity(backend: Backend, ev: EvalData, batch_size: int, progress: bool)
         pairs = [(p, t[len(p):]) for p, t in zip(ev.prompts, ev.texts)]
         scored, _ = _map(lambda b: backend.continuation_logprobs(*zip(*b)), pairs, batch_size, progress,
                          "response perplexity")
-        values["response_perplexity"] = M.perplexity(-sum(s for s, _ in scored), sum(n for _, n in scored))
+        values["response_perplexity"] = M.perplexity(-sum(s.logprob for s in scored), sum(s.tokens for s in scored))
     return values
 
 
