@@ -113,6 +113,7 @@ def test_several_models_in_one_table_and_in_the_runs_report(tiny_llama, tasks, t
     (["--tasks", "missing/tone.yaml"], "--tasks: missing/tone.yaml does not exist"),
     (["--tasks", "HUB", "--limit", "2"], "task 'from_the_hub' could not load its data"),
     (["--tasks", "tone_choice", "--backend", "ortgenai"], "is not an exported folder"),
+    (["--tasks", "tone_choice", "--backend", "ort"], "is not an exported folder"),
     (["--tasks", "tone_choice", "--compare", "a,b", "-m", "MODEL"], "--compare names every model itself"),
 ])
 def test_bad_input_is_one_line(flags, message, tiny_llama, tasks, tmp_path, capsys):

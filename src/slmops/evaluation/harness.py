@@ -140,7 +140,7 @@ def _open(opts: BenchmarkOptions, model_name: str | None, adapter_path: str | No
     """The model (the adapter's recorded base where none is named), the adapter, and their backend."""
     model, adapter, onnx_adapter = model_and_adapter(model_name, adapter_path)
     exported = is_genai_folder(model)
-    if opts.backend != "auto" and (opts.backend == "ortgenai") != exported:
+    if opts.backend != "auto" and (opts.backend in ("ort", "ortgenai")) != exported:
         raise UsageError(f"--backend {opts.backend}: {model} is " + (
             "an exported ONNX Runtime GenAI folder; use --backend ortgenai or auto" if exported else
             "not an exported folder; export it with `slmops auto-opt`, or use --backend torch or auto"))

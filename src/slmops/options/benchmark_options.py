@@ -22,9 +22,10 @@ class BenchmarkOptions(Options):
     tasks: list[str] = option(..., "lm-eval task or group names, or paths to task YAML files or folders of them "
                                    "(lm-eval's own format; data from local json/csv/parquet files works offline)",
                               group="evaluation", metavar="TASK,...")
-    backend: Literal["auto", "torch", "ortgenai"] = option(
+    backend: Literal["auto", "torch", "ort", "ortgenai"] = option(
         "auto", "auto: ONNX Runtime GenAI for an exported folder, PyTorch otherwise; naming one checks the model "
-                "is of that kind", group="evaluation")
+                "is of that kind (ort, Olive's name, is the same as ortgenai: exported folders run on ONNX Runtime "
+                "through its GenAI layer)", group="evaluation")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "PyTorch models: gpu (CUDA) when present under auto",
                                                    group="evaluation")
     num_fewshot: int | None = option(None, "examples in each prompt (default: the task's own)", group="evaluation")
