@@ -115,11 +115,12 @@ def test_several_models_in_one_table_and_in_the_runs_report(tiny_llama, tasks, t
     (["--tasks", "tone_choice", "--backend", "ortgenai"], "is not an exported folder"),
     (["--tasks", "tone_choice", "--backend", "ort"], "is not an exported folder"),
     (["--tasks", "tone_choice", "--compare", "a,b", "-m", "MODEL"], "--compare names every model itself"),
+    (["--tasks", "tone_choice", "--compare", "MODEL,/no/such/model"], "model path not found: /no/such/model"),
 ])
 def test_bad_input_is_one_line(flags, message, tiny_llama, tasks, tmp_path, capsys):
     hub = tmp_path / "hub.yaml"
     hub.write_text(f"task: from_the_hub\ndataset_path: slmops-tests/no-such-dataset\n{TASKS['tone_choice']}\n")
-    flags = [{"HUB": str(hub), "tone_choice": str(tasks / "tone_choice.yaml"), "MODEL": str(tiny_llama)}.get(f, f)
+    flags = [{"HUB": str(hub), "tone_choice": str(tasks / "tone_choice.yaml")}.get(f, f).replace("MODEL", str(tiny_llama))
              for f in flags]
     model = [] if "--compare" in flags else ["-m", str(tiny_llama)]
     assert main(["benchmark", *model, *flags, "-o", str(tmp_path / "out")]) == 2
