@@ -114,3 +114,11 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("slmops finetune: error: model path not found")
     assert "Traceback" not in result.stderr
+
+
+def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file, tmp_path):
+    """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use."""
+    result = subprocess.run([sys.executable, "-m", "slmops", "finetune", "-m", str(tiny_llama), "-d",
+                             str(sentiment_file), "--text_template", TEMPLATE, "--max_steps", "1",
+                             "--report_to", "none", "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]
