@@ -25,7 +25,10 @@ PROMPT = "<|im_start|>user\nWrite a long story about a dragon who learns to cook
 ONNX = {  # system -> (command, precision, extra flags)
     "onnx fp32 merged": ("auto-opt", "fp32", []),
     "onnx int8 merged": ("auto-opt", "int8", []),
-    "onnx int4 merged": ("auto-opt", "int4", []),
+    "onnx int4 merged": ("auto-opt", "int4", []),  # k-quant, the int4 default
+    "onnx int4 rtn merged": ("quantize", "int4", ["--algorithm", "rtn"]),
+    "onnx int4 k_quant block16 merged": ("quantize", "int4", ["--block_size", "16"]),
+    "onnx int4 k_quant int8-mixed merged": ("quantize", "int4", ["--int8_layers", "last_matmul,mixed_layers"]),
     "onnx fp32 multi-adapter": ("generate-adapter", "fp32", []),
     "onnx int4 multi-adapter": ("generate-adapter", "int4", []),
     # the fallback exporter for architectures the builder lacks, here forced on one it knows
@@ -38,7 +41,7 @@ def export(args: argparse.Namespace, system: str) -> Path:
     command, precision, extra = ONNX[system]
     out = Path(args.work) / system.replace(" ", "-")
     if not (out / "genai_config.json").exists():
-        flags = (["-m", args.adapter] if command == "auto-opt" else
+        flags = (["-m", args.adapter] if command in ("auto-opt", "quantize") else
                  ["--base_model_path", args.base, "--adapter_paths", args.adapter, "--adapter_names", "sst2"])
         subprocess.run([sys.executable, "-m", "slmops", command, *flags, "--precision", precision, *extra,
                         "-o", str(out), "--overwrite"], check=True)
@@ -141,6 +144,12 @@ def _onnx(args, system):
     return stream, score, folder_mb(folder)
 
 
+def quantize_seconds(args: argparse.Namespace, system: str) -> float | None:
+    """The export's own time (quantization included), from its manifest."""
+    manifest = Path(args.work) / system.replace(" ", "-") / "manifest.json"
+    return json.loads(manifest.read_text())["results"].get("export_seconds") if manifest.is_file() else None
+
+
 def _llama_cpp(args):
     from llama_cpp import Llama
 
@@ -186,20 +195,22 @@ def main() -> None:
         if out.returncode:
             print(f"{system}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results.append({**json.loads(out.stdout.strip().splitlines()[-1]),
+                        "quantize_s": quantize_seconds(args, system) if system in ONNX else None})
         print(json.dumps(results[-1]), file=sys.stderr)
     _table(results)
 
 
 def _table(results: list[dict]) -> None:
     ref = next((r for r in results if r["system"] == "pytorch fp32"), None)
-    print("| system | decode tok/s | vs PyTorch fp32 | time to first token | peak RSS | size on disk | SST-2 dev acc |")
-    print("|---|---|---|---|---|---|---|")
+    print("| system | decode tok/s | vs PyTorch fp32 | time to first token | peak RSS | size on disk | SST-2 dev acc "
+          "| export s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         speed = f"{r['decode_tok_s'] / ref['decode_tok_s']:.1f}x" if ref and r.get("decode_tok_s") else "-"
         acc = f"{r['accuracy']:.2f}% ({r['rows']})" if "accuracy" in r else "-"
         print(f"| {r['system']} | {r['decode_tok_s']} | {speed} | {r['ttft_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB "
-              f"| {r['size_mb']:.0f} MB | {acc} |")
+              f"| {r['size_mb']:.0f} MB | {acc} | {r['quantize_s'] if r.get('quantize_s') is not None else '-'} |")
 
 
 if __name__ == "__main__":

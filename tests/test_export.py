@@ -190,3 +190,43 @@ def test_int4_multi_adapter_keeps_lora_inputs_float(tiny_llama, adapters, tmp_pa
     assert len(lora) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
     assert {i.type.tensor_type.elem_type for i in lora} == {onnx.TensorProto.FLOAT}
     assert any(n.op_type == "MatMulNBits" for n in graph.node)  # while the base is int4
+
+
+@pytest.mark.parametrize("precision, algorithm", [("int4", "rtn"), ("int4", "k_quant"), ("int8", "k_quant")])
+def test_quantize_keeps_the_logits_close_to_float(precision, algorithm, tiny_llama, tmp_path):
+    out = tmp_path / algorithm
+    assert main(["quantize", "-m", str(tiny_llama), "--precision", precision, "--algorithm", algorithm,
+                 "--block_size", "16", "-o", str(out), "--parity_prompts", "4"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["top1_agreement"] >= 0.75 and report["perplexity_ratio"] <= 1.1
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    assert (options["precision"], options["algorithm"], options["block_size"]) == (precision, algorithm, 16)
+    import onnx
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert bits == {int(precision[3:])} and blocks == {16}
+
+
+def test_the_two_int4_quantizers_round_differently(tiny_llama, tmp_path):
+    for algorithm in ("rtn", "k_quant"):
+        assert main(["quantize", "-m", str(tiny_llama), "--algorithm", algorithm, "-o", str(tmp_path / algorithm),
+                     "--parity_prompts", "1"]) == 0
+    weights = [(tmp_path / a / "model.onnx.data").read_bytes() for a in ("rtn", "k_quant")]
+    assert weights[0] != weights[1]  # k-quant searches scales (and zero points) where RTN takes the peak
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["quantize", "--block_size", "48"], "--block_size must be one of 16, 32, 64, 128, 256, got 48"),
+    (["quantize", "--accuracy_level", "7"], "--accuracy_level must lie in 0..4, got 7"),
+    (["quantize", "--int8_layers", "everything"], "--int8_layers: unknown everything"),
+    (["quantize", "--precision", "int8", "--int8_layers", "last_matmul"], "--int8_layers keeps layers of an int4"),
+    (["quantize", "--precision", "fp32"], "invalid choice: 'fp32'"),
+    (["quantize", "--algorithm", "gptq"], "invalid choice: 'gptq'"),
+    (["auto-opt", "--precision", "fp16", "--int8_layers", "last_matmul"], "--int8_layers keeps layers of an int4"),
+])
+def test_wrong_quantize_settings_are_refused(flags, message, tiny_llama, tmp_path, capsys):
+    assert main([*flags, "-m", str(tiny_llama), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ def dequantize(folder, name: str) -> torch.Tensor:
 
 def test_round_trip_is_what_the_int4_export_holds(tiny_llama, tmp_path):
     out = tmp_path / "int4"
-    assert main(["auto-opt", "-m", str(tiny_llama), "--precision", "int4", "-o", str(out),
+    assert main(["auto-opt", "-m", str(tiny_llama), "--precision", "int4", "--algorithm", "rtn", "-o", str(out),
                  "--parity_prompts", "1"]) == 0
     model = load_model(str(tiny_llama), torch.float32)
     for layer in range(2):

@@ -9,7 +9,7 @@ from typing import Any
 from slmops.errors import UsageError
 
 # the Python equivalent of each command, in slmops.api
-_API = ("finetune", "generate", "evaluate", "benchmark", "review", "auto_opt", "generate_adapter", "run")
+_API = ("finetune", "generate", "evaluate", "benchmark", "review", "auto_opt", "quantize", "generate_adapter", "run")
 __all__ = ["UsageError", *_API]
 __version__ = "0.1.0"
 

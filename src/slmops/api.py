@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, base_model_of
 from slmops.options.evaluate_options import EvaluateOptions
-from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
+from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions, QuantizeOptions
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.generate_options import GenerateOptions
 from slmops.options.methods import METHODS
@@ -38,7 +38,15 @@ def finetune(callbacks: Sequence[Any] = (), save_config_file: str | None = None,
 
 def auto_opt(save_config_file: str | None = None, **options: Any) -> Path:
     """Export a model (plus adapter) to an ONNX Runtime GenAI folder checked for parity; returns it."""
-    opts = ExportOptions.build(**options)
+    return _export(ExportOptions.build(**options), save_config_file)
+
+
+def quantize(save_config_file: str | None = None, **options: Any) -> Path:
+    """`auto_opt` at int4 (default) or int8, with the quantizer's settings; returns the checked folder."""
+    return _export(QuantizeOptions.build(**options), save_config_file)
+
+
+def _export(opts: ExportOptions, save_config_file: str | None) -> Path:
     base = opts.model_name_or_path or base_model_of(adapter_dir(opts.adapter_path))  # `auto-opt -a ADAPTER`
     return _one_pass("export", "ModelBuilder", opts, ModelRef(base, opts.adapter_path), save_config_file)
 

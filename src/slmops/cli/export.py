@@ -1,4 +1,4 @@
-"""`slmops auto-opt` and `slmops generate-adapter`: Olive's flags; export to ONNX Runtime GenAI, check parity."""
+"""`slmops auto-opt`, `quantize` and `generate-adapter`: Olive's flags; export to ONNX Runtime GenAI, check parity."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import sys
 
 from slmops.cli import add_log_level, add_save_config
 from slmops.cli.flags import add_options, given
-from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
+from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions, QuantizeOptions
 
 COMMANDS = {
     "auto-opt": (ExportOptions, "auto_opt", "export a model (and adapter) to an optimised ONNX Runtime GenAI folder",
                  "Export with onnxruntime-genai's model builder (torch.onnx for architectures it lacks), then check "
                  "the result against the PyTorch model (parity.json); a failed check exits 1 and leaves "
                  "OUTPUT.failed instead of OUTPUT."),
+    "quantize": (QuantizeOptions, "quantize", "int4 or int8 weights (RTN or k-quant), parity-checked, as an ONNX "
+                 "Runtime GenAI folder",
+                 "Export a model (plus adapter, merged; or kept in float when it was trained quantization-aware) "
+                 "with int4 or int8 MatMul weights made by ONNX Runtime's quantizers, then check it against the "
+                 "PyTorch model (parity.json). See docs/export.md#quantization."),
     "generate-adapter": (ExtractAdaptersOptions, "generate_adapter",
                          "one ONNX base model plus one .onnx_adapter file per LoRA adapter",
                          "Export the base model with its LoRA weights as graph inputs, write each adapter as "

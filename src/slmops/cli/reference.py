@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from slmops.cli.flags import flag_kind, spellings
 from slmops.options.benchmark_options import BenchmarkOptions
 from slmops.options.evaluate_options import EvaluateOptions
-from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions
+from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions, QuantizeOptions
 from slmops.options.fields import GROUPS, meta
 from slmops.options.finetune_options import DataOptions, FinetuneOptions
 from slmops.options.generate_options import GenerateOptions
@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, type[BaseModel], str], ...] = (
     ("data check", DataOptions, "The data flags of `finetune`: the data is prepared exactly as `finetune` would."),
     ("evaluate", EvaluateOptions, "Also `--compare RUN...`: several runs side by side."),
     ("auto-opt", ExportOptions, ""),
+    ("quantize", QuantizeOptions, "`auto-opt` at int4 or int8; see [export.md](export.md#quantization)."),
     ("generate-adapter", ExtractAdaptersOptions, ""),
     ("generate", GenerateOptions, ""),
     ("serve", ServeOptions, "MODEL may also be given first, without a flag: `slmops serve MODEL`."),

@@ -57,11 +57,11 @@ def auto_opt(opts: ExportOptions) -> Path:
                 probe = Path(tmp) / "probe"
                 probe.mkdir()
                 build(Path(source.base), probe, "fp32", ep, {"adapter_path": str(source.adapter)}, trust_remote_code)
-                build(Path(source.base), work, precision, ep, lora_kept_float(probe, source.adapter),
+                build(Path(source.base), work, precision, ep,
+                      {**lora_kept_float(probe, source.adapter), **opts.quantizer(precision, trained_on_rtn=True)},
                       trust_remote_code)
             else:
-                used = export_merged(model, tokenizer, source, Path(tmp), work, precision, ep, exporter,
-                                     trust_remote_code)
+                used = export_merged(model, tokenizer, source, Path(tmp), work, opts)
         built = time.perf_counter()
         items, origin = parity.probes(tokenizer, source.manifest, opts.parity_prompts)
         result = parity.check(model, tokenizer, GenaiModel(work), precision, items, origin)
@@ -82,22 +82,26 @@ def auto_opt(opts: ExportOptions) -> Path:
     return out
 
 
-def export_merged(model: Any, tokenizer: Any, source: Source, tmp: Path, work: Path, precision: str, ep: str,
-                  exporter: str, trust_remote_code: bool) -> str:
+def export_merged(model: Any, tokenizer: Any, source: Source, tmp: Path, work: Path, opts: ExportOptions) -> str:
     """The builder's fused graph where it knows the architecture, torch.onnx elsewhere (or when asked);
     returns which one wrote `work`."""
-    if exporter != "torch":
+    precision, ep = opts.precision, check_provider(opts.execution_provider, opts.device)
+    if opts.exporter != "torch":
         try:
-            build(save_for_builder(model, tokenizer, source, tmp), work, precision, ep, {}, trust_remote_code)
+            build(save_for_builder(model, tokenizer, source, tmp), work, precision, ep, opts.quantizer(precision),
+                  opts.trust_remote_code)
             return "builder"
         except UnsupportedArchitecture as err:
-            if exporter == "builder":
+            if opts.exporter == "builder":
                 raise
+            if opts.algorithm == "k_quant" and precision in ("int4", "int8"):
+                raise UsageError(f"--algorithm k_quant: {first_line(err)}; torch.onnx, which exports it instead, "
+                                 f"quantizes with rtn only: pass --algorithm rtn") from None
             log.info("%s; exporting with torch.onnx instead (a graph without the builder's fused operators)",
                      first_line(err).split(" (")[0])
             for leftover in work.iterdir():
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    torch_onnx.export(model, tokenizer, work, precision, ep)
+    torch_onnx.export(model, tokenizer, work, precision, ep, opts.block_size, opts.accuracy_level)
     return "torch.onnx"
 
 

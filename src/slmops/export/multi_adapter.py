@@ -205,7 +205,9 @@ def generate_adapter(opts: ExtractAdaptersOptions) -> Path:
             build(Path(base_path), probe, "fp32", ep, {"adapter_path": str(coded)}, trust_remote_code)
             mapping = _decode(probe, modules)
             # adapter weights are inputs: they must stay unquantized
-            build(Path(base_path), work, precision, ep, lora_kept_float(probe, coded), trust_remote_code)
+            build(Path(base_path), work, precision, ep, {**lora_kept_float(probe, coded),
+                                                         **opts.quantizer(precision, trained_on_rtn=rounded)},
+                  trust_remote_code)
         shapes = _make_inputs(work, mapping)
         (work / "adapters").mkdir()
         for adapter in adapters:

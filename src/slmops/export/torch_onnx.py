@@ -64,8 +64,10 @@ class DecoderWithCache(nn.Module):
         return (out.logits, *present)
 
 
-def export(model: nn.Module, tokenizer: Any, out_dir: Path, precision: str, ep: str) -> None:
-    """Write model.onnx (+ .data), genai_config.json and the tokenizer files into `out_dir`."""
+def export(model: nn.Module, tokenizer: Any, out_dir: Path, precision: str, ep: str, block_size: int = 32,
+           accuracy_level: int | None = None) -> None:
+    """Write model.onnx (+ .data), genai_config.json and the tokenizer files into `out_dir`; int4/int8 by
+    round-to-nearest in blocks of `block_size`."""
     if precision == "fp16" and ep == "cpu":
         raise UsageError("--precision fp16 with the torch.onnx exporter runs on GPUs only (ONNX Runtime's CPU "
                          "kernels lack float16); use fp32, int8 or int4 on cpu")
@@ -94,7 +96,7 @@ def export(model: nn.Module, tokenizer: Any, out_dir: Path, precision: str, ep: 
         raise UsageError(f"torch.onnx could not export {type(model).__name__} for generation "
                          f"({first_line(err)[:300]})") from None
     if precision in ("int4", "int8"):
-        quantize(path, bits=int(precision[3:]), ep=ep)
+        quantize(path, int(precision[3:]), ep, block_size, accuracy_level)
     elif precision == "fp16":
         to_fp16(path)
     write_genai_config(model, out_dir, layers, kv_heads, head_size, positions)
@@ -115,15 +117,17 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def quantize(path: Path, bits: int, ep: str) -> None:
+def quantize(path: Path, bits: int, ep: str, block_size: int = 32, accuracy_level: int | None = None) -> None:
     """MatMulNBits weights in place, as the builder quantizes (its Gemm nodes become MatMul + Add first)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     proto = onnx.load(str(path))
     gemm_to_matmul(proto)
-    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True,
-                                     accuracy_level=4 if ep == "cpu" else None)
+    if accuracy_level is None:
+        accuracy_level = 4 if ep == "cpu" else None
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level)
     quantizer.process()
     save(quantizer.model.model, path)
 

@@ -1,8 +1,8 @@
 """Adapters trained against the weights an int4 export will hold (`finetune --quantization_aware int4`).
 
-ONNX Runtime's int4 format (MatMulNBits, what the model builder writes) keeps each block of 32 input
-weights of a linear layer as 4-bit integers times one scale: symmetric, the block's largest-magnitude
-weight maps to -8. An adapter trained on the float base meets other weights after such an export and
+ONNX Runtime's int4 format (MatMulNBits) as its RTN quantizer writes it (`--algorithm rtn`, which an
+export of a quantization-aware adapter uses) keeps each block of 32 input weights of a linear layer as
+4-bit integers times one scale: symmetric, the block's largest-magnitude weight maps to -8. An adapter trained on the float base meets other weights after such an export and
 loses accuracy (SST-2, SmolLM2-135M: 85.2% in PyTorch, 78.7% through int4 ONNX). Trained on the
 round-tripped weights themselves, with the adapter kept in float beside the int4 base at export, it
 answers through ONNX as it did in training (85.1%).

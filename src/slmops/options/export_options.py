@@ -34,7 +34,60 @@ class Target(Options):
         return self.provider or DEFAULT_PROVIDER[self.device]
 
 
-class ExportOptions(Target):
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT8_LAYERS = ("last_matmul", "mixed_layers")
+
+
+class Quantization(Options):
+    """How int4 and int8 weights are made: ONNX Runtime's MatMulNBits quantizers, through the model builder.
+
+    Measured on SmolLM2-135M with the README's SST-2 adapter merged (docs/export.md): RTN loses 8.3 points of
+    dev accuracy at int4 and k-quant 4.8, so k-quant is the int4 default; int8 loses nothing with either."""
+
+    algorithm: Literal["auto", "rtn", "k_quant"] = option(
+        "auto", "weight quantizer for int4/int8: rtn (round to nearest, seconds) or k_quant (llama.cpp's k-quant "
+                "scale search, ~30 s for 135M); auto: k_quant at int4, rtn at int8", group="export")
+    block_size: PositiveInt = option(32, f"weights sharing one scale, one of {', '.join(map(str, BLOCK_SIZES))}",
+                                     olive="int4_block_size", group="export")
+    accuracy_level: int | None = option(None, "precision of MatMulNBits' activations: 1 fp32, 2 fp16, 3 bf16, 4 "
+                                              "int8 (default: 4 on CPU, the fastest; 1 measured no more accurate)",
+                                        olive="int4_accuracy_level", group="export")
+    int8_layers: list[str] = option([], f"int4 exports: MatMuls kept at int8, from {', '.join(INT8_LAYERS)} "
+                                        f"(last_matmul: the LM head; mixed_layers: llama.cpp's most sensitive, the "
+                                        f"first and last eighth of layers and every third layer's q/k/v, v and "
+                                        f"down projections)", group="export")
+
+    def quantizer(self, precision: str, trained_on_rtn: bool = False) -> dict[str, str]:
+        """The model builder's options for these settings at `precision` (none for fp32/fp16). An adapter
+        trained on the RTN-rounded base (`--quantization_aware`) gets RTN under auto: the weights it learnt
+        beside. RTN is the builder's `default` method, the rounding `models.fake_quant` mirrors."""
+        if precision not in ("int4", "int8"):
+            return {}
+        algorithm = self.algorithm
+        if algorithm == "auto":
+            algorithm = "k_quant" if precision == "int4" and not trained_on_rtn else "rtn"
+        built = {"algo_config": {"rtn": "default"}.get(algorithm, algorithm), "block_size": str(self.block_size)}
+        if self.accuracy_level is not None:
+            built["accuracy_level"] = str(self.accuracy_level)
+        if self.int8_layers:
+            built["matmul_mixed_precision"] = ",".join(f"{layer}:int8" for layer in self.int8_layers)
+        return built
+
+    def quantization_problems(self, precision: str) -> list[str]:
+        found = []
+        if self.block_size not in BLOCK_SIZES:
+            found.append(f"--block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.accuracy_level is not None and not 0 <= self.accuracy_level <= 4:
+            found.append(f"--accuracy_level must lie in 0..4, got {self.accuracy_level}")
+        unknown = [layer for layer in self.int8_layers if layer not in INT8_LAYERS]
+        if unknown:
+            found.append(f"--int8_layers: unknown {', '.join(unknown)}; choose from {', '.join(INT8_LAYERS)}")
+        elif self.int8_layers and precision != "int4":
+            found.append(f"--int8_layers keeps layers of an int4 export at int8; --precision is {precision}")
+        return found
+
+
+class ExportOptions(Target, Quantization):
     """`slmops auto-opt`: a model (plus adapter) as an ONNX Runtime GenAI folder that passed the parity gate."""
 
     model_name_or_path: str | None = option(None, "model folder, .gguf, catalogue alias, hub id, or a `slmops "
@@ -58,10 +111,10 @@ class ExportOptions(Target):
                          "model.onnx too); drop the flag")
         if self.model_name_or_path is None and self.adapter_path is None:
             found.append("pass --model_name_or_path (and optionally --adapter_path)")
-        return found
+        return found + self.quantization_problems(self.precision)
 
 
-class ExtractAdaptersOptions(Target):
+class ExtractAdaptersOptions(Target, Quantization):
     """`slmops generate-adapter`: one ONNX base whose LoRA weights are inputs, one file per adapter."""
 
     base_model_path: str = option(help="the base model the adapters were trained on (folder, .gguf, alias or "
@@ -82,7 +135,7 @@ class ExtractAdaptersOptions(Target):
                 and len(self.adapter_names) != len(self.adapter_paths):
             return [f"--adapter_names gives {len(self.adapter_names)} names for {len(self.adapter_paths)} "
                     f"adapters; give one name per adapter"]
-        return []
+        return self.quantization_problems(self.precision)
 
 
 class MergeOptions(Options):
@@ -94,3 +147,9 @@ class MergeOptions(Options):
     trust_remote_code: bool = option(False, "run the model repository's own Python code", group="model")
     output_path: str = option(help="output folder", flags=("-o",))
     overwrite: bool = option(False, "replace an existing --output_path")
+
+
+class QuantizeOptions(ExportOptions):
+    """`slmops quantize`: `auto-opt` at int4 or int8, Olive's quantize flags; the same pass, the same parity gate."""
+
+    precision: Literal["int4", "int8"] = option("int4", "weight precision", group="export")
