@@ -73,6 +73,10 @@ def test_output_folder_manifest_and_merge(tiny_llama, sentiment_file, tmp_path):
     assert len(manifest["data"]["fingerprint"]) == 64
     assert manifest["results"]["eval_loss"] > 0 and manifest["results"]["tokens_per_second"] > 0
     assert manifest["versions"]["peft"] and manifest["results"]["peak_rss_mb"] > 0
+    # where the wall time went, phase by phase; the phases do not overlap, so they sum to at most the whole
+    timing, wall = manifest["results"]["timing"], manifest["results"]["wall_time_s"]
+    assert set(timing) == {"load", "data", "preflight", "forgetting_check", "training", "evaluation", "saving"}
+    assert min(timing.values()) >= 0 and timing["evaluation"] > 0 and sum(timing.values()) <= wall + 0.05
     # the Python API runs through the engine, as the command and a workflow file do: the pass is recorded
     record = json.loads((out / "pass.json").read_text())
     assert record["type"] == "LoRA" and record["output_model"]["adapter"] == str(out / "adapter")

@@ -10,8 +10,9 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -57,13 +58,24 @@ class FinetuneRecipe:
         self.out = Path(opts.output_path).expanduser()
         self.work = partial_dir(self.out)
         self.gpu = on_gpu(opts)
+        self.timing: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the block's seconds to `timing[name]`: the manifest then says where the wall time went."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[name] = round(self.timing.get(name, 0.0) + time.perf_counter() - start, 2)
 
     # ---- set up -------------------------------------------------------------------------------------
     def setup(self) -> None:
         opts = self.opts
         self.resume = self._plan_output()
         set_seed(opts.seed)
-        self.model_path = resolve(opts.model_name_or_path)
+        with self.phase("load"):
+            self.model_path = resolve(opts.model_name_or_path)
         self.loss, self.loss_record = build_loss(opts.loss, opts.loss_args)  # a bad loss fails in a second
         pairs = opts.text_pair_field is not None
         self.encoder = is_encoder(self.model_path, opts.trust_remote_code)
@@ -72,18 +84,21 @@ class FinetuneRecipe:
                              f"sentence pairs (--text_pair_field, --loss contrastive; see docs/custom-loss.md)")
         self.tokenizer = load_tokenizer(self.model_path, opts.trust_remote_code)
         self.preference = opts.stage != "sft"
-        if self.preference:
-            self.data = prepare_preferences(opts, self.tokenizer)
-        else:
-            self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
+        with self.phase("data"):
+            if self.preference:
+                self.data = prepare_preferences(opts, self.tokenizer)
+            else:
+                self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
         self.amp = autocast_dtype(opts)
         config, stage = stage_config(opts.stage, opts.beta, opts.max_seq_len) if self.preference else \
             (TrainingArguments, {})
         self.args = build_training_args(opts, self.work / "checkpoints", self.amp, config, **stage)
         if self.encoder:
             self.args.label_names = ["labels"]  # an encoder's forward takes no labels: the Trainer cannot tell
-        base = load_base(opts, self.model_path, self.amp, self.args.gradient_checkpointing, self.encoder, self.gpu)
-        self.model, self.targets = attach_method(base, opts, self.encoder, self.gpu)
+        with self.phase("load"):
+            base = load_base(opts, self.model_path, self.amp, self.args.gradient_checkpointing, self.encoder,
+                             self.gpu)
+            self.model, self.targets = attach_method(base, opts, self.encoder, self.gpu)
         if not self.gpu:
             keep_freed_memory()
         self.batching = Batching(None, False, False, False) if self.preference else \
@@ -146,19 +161,25 @@ class FinetuneRecipe:
     # ---- train --------------------------------------------------------------------------------------
     def train(self) -> None:
         trainer = self.trainer
-        self.estimate = preflight(trainer, self.amp)
+        with self.phase("preflight"):
+            self.estimate = preflight(trainer, self.amp)
         self.lm = trainer.is_world_process_zero() and not self.encoder  # an encoder has no perplexity to check
-        self.general_before = forgetting.reference_perplexity(self.model, self.tokenizer) if self.lm else None
+        with self.phase("forgetting_check"):
+            self.general_before = forgetting.reference_perplexity(self.model, self.tokenizer) if self.lm else None
         self.stop.install()
         try:
-            self.result = trainer.train(resume_from_checkpoint=self.resume)
+            with self.phase("training"):
+                self.result = trainer.train(resume_from_checkpoint=self.resume)
         finally:
             self.stop.uninstall()
+        evaluations = round(self.metrics_log.eval_seconds, 2)  # the Trainer's own evaluations, inside train()
+        self.timing.update(training=round(self.timing["training"] - evaluations, 2), evaluation=evaluations)
         if self.stop.received is not None:
             last = get_last_checkpoint(str(self.work / "checkpoints"))
             raise Interrupted(f"interrupted: checkpoint saved in {last}; continue with the same command plus "
                               f"--resume_from_checkpoint auto", last)
-        self.final_metrics = final_eval(trainer)
+        with self.phase("evaluation"):
+            self.final_metrics = final_eval(trainer)
 
     # ---- save ---------------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -166,9 +187,11 @@ class FinetuneRecipe:
         if not trainer.is_world_process_zero():
             return self.out
         model = trainer.accelerator.unwrap_model(trainer.model)
-        general = forgetting.compare(self.general_before, forgetting.reference_perplexity(model, self.tokenizer)) \
-            if self.lm else None
-        self._save_weights(model)
+        with self.phase("forgetting_check"):
+            general = forgetting.compare(self.general_before, forgetting.reference_perplexity(model, self.tokenizer)) \
+                if self.lm else None
+        with self.phase("saving"):
+            self._save_weights(model)
         results = self._results(general)
         write_manifest(work / "manifest.json", "finetune", opts.model_dump(), {
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
@@ -208,6 +231,7 @@ class FinetuneRecipe:
             **peak_memory_mb(),
             "preflight": self.estimate,
             "forgetting": general,
+            "timing": dict(self.timing),  # seconds per phase: load, data, preflight, training, evaluation, ...
         }
 
     def _save_weights(self, model: Any) -> None:
