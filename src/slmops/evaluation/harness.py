@@ -9,8 +9,8 @@ text (perplexity), and greedy generation up to stop strings. Each maps onto one 
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import socket
 import time
 from contextlib import contextmanager
@@ -30,9 +30,6 @@ from slmops.evaluation.backends import Backend, load_backend, model_and_adapter,
 from slmops.models.genai import is_genai_folder
 from slmops.models.loading import resolve
 from slmops.options.benchmark_options import BenchmarkOptions
-
-log = logging.getLogger(__name__)
-LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}  # datasets' loaders of local files
 
 
 @register_model("slmops")
@@ -234,7 +231,9 @@ def _hub_or_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
+@functools.lru_cache(maxsize=None)
 def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Asked once a process: each model's run would otherwise wait out the same timeout again."""
     host = endpoint.split("://", 1)[-1].split("/", 1)[0]
     name, _, port = host.partition(":")
     try:
