@@ -130,6 +130,8 @@ class FinetuneOptions(DataOptions):
     quantization_aware: Literal["int4"] | None = option(
         None, "train the adapter against the base weights rounded as an int4 ONNX export holds them; "
               "`auto-opt --precision int4` then keeps the adapter in float beside the int4 base")
+    num_threads: PositiveInt | None = option(None, "CPU threads to compute with (default: the cores not busy with "
+                                                   "other work when the run starts)")
     early_stopping_patience: PositiveInt | None = option(
         None, "stop after this many evaluations without a better validation loss")
     eval_metrics: list[str] | None = option(None, "task metrics at each evaluation besides the loss: accuracy "

@@ -26,6 +26,7 @@ from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
 from slmops.models.loading import is_encoder, load_model, resolve
+from slmops.models.threads import choose_threads
 from slmops.models.tokenizers import load_tokenizer
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.training import forgetting
@@ -74,6 +75,7 @@ class FinetuneRecipe:
         opts = self.opts
         self.resume = self._plan_output()
         set_seed(opts.seed)
+        self.threads = None if self.gpu else choose_threads(opts.num_threads)
         with self.phase("load"):
             self.model_path = resolve(opts.model_name_or_path)
         self.loss, self.loss_record = build_loss(opts.loss, opts.loss_args)  # a bad loss fails in a second
@@ -197,7 +199,7 @@ class FinetuneRecipe:
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
             "share_prefix": self.batching.shared_prefix, "loss": self.loss_record,
             "autocast_dtype": str(self.amp).removeprefix("torch."), "device": str(self.args.device),
-            "world_size": self.args.world_size,
+            "world_size": self.args.world_size, "cpu_threads": self.threads,
             "training_args": {k: v for k, v in self.args.to_dict().items() if not k.startswith(("hub_", "push_"))},
         }, self.data.stats, results)
         write_report_safely(work, self.out)

@@ -1,0 +1,50 @@
+"""A run computes on the cores that are free when it starts: one busy core on two costs a 2-thread run
+an order of magnitude (benchmarks in docs/speed.md), one thread only its share."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+import torch
+
+from slmops.models import threads
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(threads, "allowed_cores", lambda: [0, 1])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    yield lambda load: monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: load)
+    torch.set_num_threads(before)
+
+
+def test_a_busy_core_is_left_alone_and_given_back_when_free(two_cores):
+    two_cores([99.0, 4.0])
+    assert threads.choose_threads(None) == {"threads": 1, "why": "1 of 2 cores busy with other work"}
+    assert torch.get_num_threads() == 1
+    two_cores([3.0, 4.0])  # the other work ended: the next run takes both again
+    assert threads.choose_threads(None) == {"threads": 2, "why": "every core free"}
+    assert torch.get_num_threads() == 2
+    two_cores([99.0, 99.0])  # never none
+    assert threads.choose_threads(None)["threads"] == 1
+
+
+def test_num_threads_and_omp_num_threads_win(two_cores, monkeypatch):
+    two_cores([3.0, 4.0])
+    assert threads.choose_threads(1) == {"threads": 1, "why": "--num_threads"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.choose_threads(None)["threads"] == 1
+
+
+def test_the_manifest_says_how_many_threads_and_why(tiny_llama, sentiment_file, tmp_path, two_cores):
+    from conftest import TEMPLATE
+    from slmops import finetune
+
+    out = finetune(model_name_or_path=str(tiny_llama), data_name=str(sentiment_file), text_template=TEMPLATE,
+                   output_path=str(tmp_path / "run"), max_steps=1, num_threads=1, report_to="none")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["cpu_threads"] == {"threads": 1, "why": "--num_threads"}
+    assert manifest["hardware"]["torch_threads"] == 1
