@@ -23,10 +23,10 @@ def two_cores(monkeypatch):
 
 def test_a_busy_core_is_left_alone_and_given_back_when_free(two_cores):
     two_cores([99.0, 4.0])
-    assert threads.choose_threads(None) == {"threads": 1, "why": "1 of 2 cores busy with other work"}
+    assert threads.choose_threads(None) == {"threads": 1, "why": "1 of 2 cores busy with other work", "cap": 2}
     assert torch.get_num_threads() == 1
     two_cores([3.0, 4.0])  # the other work ended: the next run takes both again
-    assert threads.choose_threads(None) == {"threads": 2, "why": "every core free"}
+    assert threads.choose_threads(None) == {"threads": 2, "why": "every core free", "cap": 2}
     assert torch.get_num_threads() == 2
     two_cores([99.0, 99.0])  # never none
     assert threads.choose_threads(None)["threads"] == 1
@@ -34,9 +34,9 @@ def test_a_busy_core_is_left_alone_and_given_back_when_free(two_cores):
 
 def test_num_threads_and_omp_num_threads_win(two_cores, monkeypatch):
     two_cores([3.0, 4.0])
-    assert threads.choose_threads(1) == {"threads": 1, "why": "--num_threads"}
+    assert threads.choose_threads(1) == {"threads": 1, "why": "--num_threads", "cap": None}
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert threads.choose_threads(None)["threads"] == 1
+    assert threads.choose_threads(None) == {"threads": 1, "why": "every core free", "cap": 1}
 
 
 def test_the_manifest_says_how_many_threads_and_why(tiny_llama, sentiment_file, tmp_path, two_cores):
@@ -46,5 +46,32 @@ def test_the_manifest_says_how_many_threads_and_why(tiny_llama, sentiment_file, 
     out = finetune(model_name_or_path=str(tiny_llama), data_name=str(sentiment_file), text_template=TEMPLATE,
                    output_path=str(tmp_path / "run"), max_steps=1, num_threads=1, report_to="none")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["resolved"]["cpu_threads"] == {"threads": 1, "why": "--num_threads"}
+    assert manifest["resolved"]["cpu_threads"] == {"threads": 1, "why": "--num_threads", "cap": None}
     assert manifest["hardware"]["torch_threads"] == 1
+
+
+class Neighbour:
+    """A process as psutil.process_iter yields it: a pid and the CPU it used since the last look."""
+
+    def __init__(self, pid: int, percent: float):
+        self.pid, self.percent = pid, percent
+
+    def cpu_percent(self, interval):
+        return self.percent
+
+
+def test_the_threads_follow_other_work_as_it_starts_and_ends(two_cores, monkeypatch):
+    load = [Neighbour(7, 0.0)]
+    monkeypatch.setattr(psutil, "process_iter", lambda: iter(load))
+    torch.set_num_threads(2)
+    watch = threads.LoadWatch(cap=2, every_s=0)
+    assert watch.check() is None and torch.get_num_threads() == 2  # nothing else running: no change
+    load[0].percent = 99.0  # a neighbour takes a core
+    assert watch.check() == 1 and torch.get_num_threads() == 1
+    load[0].percent = 2.0  # and gives it back
+    assert watch.check() == 2 and torch.get_num_threads() == 2
+    load[:] = [Neighbour(7, 100.0), Neighbour(8, 100.0), Neighbour(9, 100.0)]
+    assert watch.check() == 1  # never fewer than one
+    slow = threads.LoadWatch(cap=2, every_s=3600)
+    load[:] = [Neighbour(7, 0.0)]
+    assert slow.check() is None and torch.get_num_threads() == 1  # checks are spaced: not every step

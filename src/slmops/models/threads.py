@@ -9,6 +9,8 @@ thread). So a run samples how busy each core it may use is, and computes on the 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import psutil
 import torch
@@ -31,13 +33,50 @@ def free_cores(sample_seconds: float = 0.2) -> tuple[int, int]:
     return max(1, free), len(cores)
 
 
-def choose_threads(requested: int | None) -> dict[str, object]:
-    """Set torch's thread count (`requested`, else the free cores) and say why, for the manifest."""
+def choose_threads(requested: int | None) -> dict[str, Any]:
+    """Set torch's thread count (`requested`, else the free cores) and say why, for the manifest; `cap`:
+    the most a later re-check may take (None when the user fixed the count)."""
     if requested:
         torch.set_num_threads(requested)
-        return {"threads": requested, "why": "--num_threads"}
+        return {"threads": requested, "why": "--num_threads", "cap": None}
     free, cores = free_cores()
-    threads = min(free, int(os.environ.get("OMP_NUM_THREADS") or cores))  # a cap the user set stands
+    cap = int(os.environ.get("OMP_NUM_THREADS") or cores)  # a cap the user set stands
+    threads = min(free, cap)
     torch.set_num_threads(threads)
     why = "every core free" if free == cores else f"{cores - free} of {cores} cores busy with other work"
-    return {"threads": threads, "why": why}
+    return {"threads": threads, "why": why, "cap": cap}
+
+
+class LoadWatch:
+    """Between training steps, every `every_s` seconds: how many cores other processes keep busy now, and
+    torch's threads moved to the free ones (up to `cap`). Other processes' CPU time is counted directly;
+    this run's own threads, spinning at their barriers, would hide a neighbour's load in a machine-wide
+    figure."""
+
+    def __init__(self, cap: int, every_s: float = 5.0):
+        self.cap, self.every_s, self.last = cap, every_s, time.monotonic()
+        self.me = psutil.Process().pid
+        self.others_busy()  # psutil reports CPU use since the previous call: this call starts the clock
+
+    def others_busy(self) -> float:
+        """Cores' worth of CPU the other processes used since the previous call."""
+        used = 0.0
+        for process in psutil.process_iter():
+            if process.pid != self.me:
+                try:
+                    used += process.cpu_percent(None)
+                except psutil.Error:  # gone, or not ours to read
+                    pass
+        return used / 100
+
+    def check(self) -> int | None:
+        """The new thread count when it changed, else None."""
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return None
+        self.last = now
+        threads = max(1, min(self.cap, len(allowed_cores()) - round(self.others_busy())))
+        if threads == torch.get_num_threads():
+            return None
+        torch.set_num_threads(threads)
+        return threads

@@ -7,6 +7,7 @@ signal handler that turns Ctrl-C / SIGTERM into a checkpoint instead of lost wor
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from slmops.artifacts.folders import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog(TrainerCallback):
@@ -197,3 +200,18 @@ class RunLoss(TrainerCallback):
         if not self.prior_steps:
             return trainer_loss
         return self.loss_sum() / max(global_step, 1)
+
+
+class FollowLoad(TrainerCallback):
+    """Moves the run's CPU threads to the cores other work leaves free, as that work starts and ends; each
+    change is logged and kept in `changes` (step, threads) for the manifest."""
+
+    def __init__(self, watch: Any):
+        self.watch, self.changes = watch, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        threads = self.watch.check()
+        if threads is not None:
+            self.changes.append([state.global_step, threads])
+            log.info("other work on this machine changed: computing on %d thread(s) from step %d", threads,
+                     state.global_step)

@@ -26,13 +26,13 @@ from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
 from slmops.models.loading import is_encoder, load_model, resolve
-from slmops.models.threads import choose_threads
+from slmops.models.threads import LoadWatch, choose_threads
 from slmops.models.tokenizers import load_tokenizer
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.training import forgetting
 from slmops.training.accuracy import compute_metrics, response_correct
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
-from slmops.training.callbacks import GracefulStop, MetricsLog, Progress, Resources, RunLoss
+from slmops.training.callbacks import FollowLoad, GracefulStop, MetricsLog, Progress, Resources, RunLoss
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.model_setup import attach_method, load_base
 from slmops.training.preflight import preflight
@@ -115,6 +115,10 @@ class FinetuneRecipe:
         work.mkdir(parents=True, exist_ok=True)
         self.stop, self.metrics_log, self.run_loss = GracefulStop(), MetricsLog(work / "metrics.jsonl"), RunLoss()
         extra = [EarlyStoppingCallback(opts.early_stopping_patience)] if opts.early_stopping_patience else []
+        if self.threads and self.threads["cap"]:  # the count was chosen, not given: it follows the machine's load
+            follow = FollowLoad(LoadWatch(self.threads["cap"]))
+            self.threads["changes"] = follow.changes
+            extra.append(follow)
         callbacks = [self.metrics_log, Progress(), self.stop, self.run_loss, *extra, *self.callbacks]
         if self.preference:
             trainer = preference_trainer(opts.stage, self.model, self.args, self.data, self.tokenizer, callbacks)
