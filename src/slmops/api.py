@@ -117,10 +117,11 @@ def review(**options: Any) -> Path:
 def prepare_review(opts: ReviewOptions) -> Path:
     """Continue the review in --output_path, or make it: read the prompts, name the models, generate what the
     prompts file does not already answer, write the folder. Returns the folder."""
-    out = Path(opts.output_path or f"reviews/{Path(opts.prompts or '').stem}").expanduser()
     from slmops.artifacts.folders import refuse_existing
+    from slmops.evaluation.backends import locate, split_spec
     from slmops.review.collect import check_continues, create, is_review, name_models, read_prompts
 
+    out = Path(opts.output_path or f"reviews/{Path(opts.prompts or '').stem}").expanduser()
     prompts = read_prompts(opts.prompts) if opts.prompts else []
     if is_review(out) and not opts.overwrite:
         check_continues(out, name_models(opts.models, prompts) if prompts or opts.models else None, opts.prompts)
@@ -131,7 +132,8 @@ def prepare_review(opts: ReviewOptions) -> Path:
     refuse_existing(out, opts.overwrite)
     models = name_models(opts.models, prompts)
     todo = {name: [p for p in prompts if name not in p.answers] for name in models}
-    sources = {name: _locate(models[name]) for name, rows in todo.items() if rows}  # every path, before any load
+    # every model path checked before the first model loads
+    sources = {name: locate(*split_spec(models[name])) for name, rows in todo.items() if rows}
     answers = {name: {p.key: p.answers[name] for p in prompts if name in p.answers} for name in models}
     for name, source in sources.items():
         log.info("%s: generating %d answers with %s", name, len(todo[name]), models[name])
@@ -139,20 +141,6 @@ def prepare_review(opts: ReviewOptions) -> Path:
         answers[name].update(zip((p.key for p in todo[name]), texts))
     create(out, prompts, models, answers, opts.model_dump())
     return out
-
-
-def _locate(spec: str) -> tuple[str, Path | None, str | None]:
-    """(model, PEFT adapter folder, ONNX adapter name) for a --models PATH, read as `evaluate --compare` reads
-    a run: MODEL, MODEL@ADAPTER, @ADAPTER (on the base the adapter records), or an adapter folder or finetune
-    output folder alone. A path that cannot be a model is refused now, before any model is loaded."""
-    from slmops.evaluation.backends import model_and_adapter, split_spec
-    from slmops.models.genai import is_genai_folder
-    from slmops.models.loading import resolve
-
-    model, adapter_folder, onnx_adapter = model_and_adapter(*split_spec(spec))
-    if not is_genai_folder(model):
-        resolve(model)
-    return model, adapter_folder, onnx_adapter
 
 
 def _answers(source: tuple[str, Path | None, str | None], texts: list[str], opts: ReviewOptions) -> list[str]:

@@ -38,9 +38,10 @@ class Backend(Protocol):
     name: str  # recorded in results.json: "torch", "onnx-genai", ...
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Score]:
-        """Per pair: the summed log-probability of `continuation` following `prompt`, how many tokens
-        that covers, and whether each is the model's top choice. The tokens are those of `prompt + continuation` tokenized as one text that overlap the
-        continuation (as `finetune` masks the loss), so a token straddling the boundary counts."""
+        """Per pair: the summed log-probability of `continuation` following `prompt`, how many tokens that
+        covers, and whether each is the model's top choice. The tokens are those of `prompt + continuation`
+        tokenized as one text that overlap the continuation (as `finetune` masks the loss), so a token
+        straddling the boundary counts."""
         ...
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -80,6 +81,14 @@ def model_and_adapter(model_name_or_path: str | None, adapter_path: str | None) 
             raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
         model_name_or_path = base_model_of(adapter)
     return model_name_or_path, adapter, adapter_path if onnx else None
+
+
+def locate(model_name_or_path: str | None, adapter_path: str | None) -> tuple[str, Path | None, str | None]:
+    """`model_and_adapter`, with a model path that cannot be had refused now, before any model loads."""
+    model, adapter, onnx_adapter = model_and_adapter(model_name_or_path, adapter_path)
+    if not is_genai_folder(model):
+        resolve(model)
+    return model, adapter, onnx_adapter
 
 
 def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,

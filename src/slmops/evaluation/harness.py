@@ -26,9 +26,8 @@ from slmops.artifacts.folders import publish, work_dir, write_json
 from slmops.artifacts.report import write_report
 from slmops.artifacts.manifest import write_manifest
 from slmops.errors import UsageError, first_line
-from slmops.evaluation.backends import Backend, load_backend, model_and_adapter, split_spec
+from slmops.evaluation.backends import Backend, load_backend, locate, model_and_adapter, split_spec
 from slmops.models.genai import is_genai_folder
-from slmops.models.loading import resolve
 from slmops.options.benchmark_options import BenchmarkOptions
 
 
@@ -93,11 +92,9 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
 
     specs = [split_spec(item) for item in opts.compare] or [(opts.model_name_or_path, opts.adapter_path)]
     for model_name, adapter_path in specs[1:]:  # a model that cannot be had fails now, not after the first's scores
-        model, _, onnx_adapter = model_and_adapter(model_name, adapter_path)
+        model, _, onnx_adapter = locate(model_name, adapter_path)
         if is_genai_folder(model):
             load_backend(model, None, opts.trust_remote_code, onnx_adapter)  # seconds: catches a broken graph
-        else:
-            resolve(model)
     manager, names = _task_manager(opts.tasks)
     with _hub_or_offline():
         _check_tasks(names, manager)
