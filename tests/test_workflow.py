@@ -246,7 +246,7 @@ def test_setup_lists_and_installs_what_the_passes_need(tmp_path, capsys, monkeyp
     calls = []
     monkeypatch.setattr(run_cli.subprocess, "run", lambda argv, check: calls.append(argv))
     assert main(["run", "--config", str(config), "--setup", "--dry_run"]) == 0
-    assert calls and calls[0][-2:] == ["bitsandbytes>=0.45", "optuna>=4.0"]
+    assert calls and calls[0][-2:] == ["bitsandbytes>=0.45", "optuna>=4.9"]
 
 
 def search_config(model: Path, data: Path, out: Path, trials: int = 4, steps: int = 4) -> dict:

@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
         p.add_argument("--setup", action="store_true", help="first pip-install the packages the passes need")
         p.add_argument("--list_required_packages", action="store_true",
                        help="print the packages the passes need (and which are missing), then stop")
+        if command == "search":
+            p.add_argument("--storage", help="the study's database, overriding search_strategy.storage: "
+                                             "postgresql://USER:PASSWORD@HOST:5432/DATABASE shares it across machines")
+            p.add_argument("--status", action="store_true", help="print the study's trials, their states and the best "
+                                                                 "so far, from its database; runs nothing")
         add_log_level(p)
     return {"run": handle, "search": handle}
 
@@ -36,6 +41,10 @@ def handle(args: argparse.Namespace) -> int:
     if searching and wf.search is None:
         raise UsageError(f"{args.config} has no search_strategy; add search_strategy and search_space, or use "
                          f"`slmops run`")
+    if searching and args.storage:
+        wf.search = wf.search.model_copy(update={"storage": args.storage})
+    if searching and args.status:
+        return _status(wf)
     needed = required_packages(wf)
     if args.list_required_packages:
         for module, requirement in needed:
@@ -54,6 +63,10 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     from slmops.errors import Interrupted
 
+    if wf.search is not None and wf.search.storage:  # a wrong URL is said before any pass runs
+        from slmops.workflow.study import check_storage
+
+        check_storage(wf.search.storage)
     try:
         model = run_workflow(wf, search_only=searching)
     except Interrupted as err:
@@ -69,11 +82,25 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(wf) -> int:
+    from slmops.workflow.engine import plan
+    from slmops.workflow.passes import ModelRef, Step
+    from slmops.workflow.search import status
+
+    name = wf.searched_pass()
+    entry = next(e for e in plan(wf) if e["name"] == name)
+    p = wf.passes[name]
+    print(status(Step(name, p.type, p.options, ModelRef(""), p.folder, p.owned, entry["key"]), wf))
+    return 0
+
+
 def required_packages(wf) -> list[tuple[str, str]]:
-    from slmops.workflow.passes import SEARCH_NEEDS, pass_types
+    from slmops.workflow.passes import POSTGRES_NEEDS, SEARCH_NEEDS, pass_types
 
     needs = [need for p in wf.passes.values() for need in pass_types()[p.type].needs]
-    return list(dict.fromkeys(needs + list(SEARCH_NEEDS if wf.search is not None else ())))
+    if wf.search is not None:
+        needs += SEARCH_NEEDS + (POSTGRES_NEEDS if (wf.search.storage or "").startswith("postgresql") else ())
+    return list(dict.fromkeys(needs))
 
 
 def _installed(module: str) -> bool:

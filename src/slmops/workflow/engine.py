@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PASS_FILE = "pass.json"
 NOT_KEYED = {"output_path", "overwrite", "resume_from_checkpoint", "parity_prompts", "logging_dir",
              "model_name_or_path", "base_model_path", "adapter_path"}  # the input model is keyed by content
+NOT_SEARCH_KEYED = {"storage", "heartbeat_interval", "grace_period"}  # where and how the study is kept
 
 
 def plan(wf: Workflow) -> list[dict[str, Any]]:
@@ -111,7 +112,7 @@ def _keyed(wf: Workflow, name: str, p: PassPlan) -> dict[str, Any]:
     if loss_file is not None and loss_file.is_file():  # a user's loss: its code is part of the recipe
         options["loss_file"] = file_digest(loss_file)  # (a missing file is finetune's to report)
     if name == wf.searched_pass():
-        options["search"] = {"search_strategy": wf.search.model_dump(mode="json"),
+        options["search"] = {"search_strategy": wf.search.model_dump(mode="json", exclude=NOT_SEARCH_KEYED),
                              "search_space": {k: v.model_dump(mode="json") for k, v in wf.space.items()}}
     return options
 

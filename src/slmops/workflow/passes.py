@@ -139,7 +139,8 @@ def _pytorch_source(step: Step) -> ModelRef:
 # What each pass imports beyond the core install: (module to import, pip requirement).
 EXPORT_NEEDS = (("onnxruntime_genai", "onnxruntime-genai>=0.11"), ("onnx_ir", "onnx-ir>=0.1.12"),
                 ("onnxruntime", "onnxruntime>=1.22"), ("onnx", "onnx>=1.17"))
-SEARCH_NEEDS = (("optuna", "optuna>=4.0"),)
+SEARCH_NEEDS = (("optuna", "optuna>=4.9"),)
+POSTGRES_NEEDS = (("psycopg", "psycopg[binary]>=3.2"),)  # a search_strategy.storage on PostgreSQL
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ class SearchStrategy(Strict):
     direction: Literal["minimize", "maximize"] | None = None
     storage: str | None = None        # SQLAlchemy URL; default: sqlite file in the pass folder
     study_name: str | None = None
+    heartbeat_interval: PositiveInt = 30  # seconds between a running trial's heartbeats
+    grace_period: PositiveInt = 120   # a trial this long without one is its dead worker's, and runs again
     pruning: bool = True
     execution_order: str | None = None  # Olive's; one pass is searched, so it has no effect
 

@@ -10,7 +10,9 @@ than the median of earlier ones at the same step are pruned (optuna's MedianPrun
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -26,6 +28,7 @@ from slmops.options.finetune_options import FinetuneOptions
 from slmops.workflow.reading import ALIASES
 from slmops.workflow.passes import ModelRef, Step, Workflow, finetune, trained_model
 from slmops.workflow.schema import Dimension
+from slmops.workflow.study import open_storage, slots, work
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +56,21 @@ def search(step: Step, wf: Workflow) -> ModelRef:
 
     strategy, space = wf.search, wf.space
     step.out.mkdir(parents=True, exist_ok=True)
-    storage = _storage(optuna, strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
-                       {"connect_args": {"timeout": 120}} if not strategy.storage else {})
+    storage = open_storage(strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
+                           strategy.heartbeat_interval, strategy.grace_period)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user as ours
     study = optuna.create_study(
-        study_name=strategy.study_name or f"{step.name}-{step.key[:12]}", storage=storage, load_if_exists=True,
+        study_name=study_name(step, wf), storage=storage, load_if_exists=True,
         direction=strategy.goal, sampler=_sampler(strategy.type, space, strategy.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if strategy.pruning else optuna.pruners.NopPruner())
-    metric = strategy.metric if strategy.metric.startswith("eval_") else f"eval_{strategy.metric}"
+    metric = _metric(wf)
     columns = list(space)
     print(_row(["trial", "state", metric, *columns, "seconds"]), flush=True)
 
     def objective(trial: Any) -> float:
         started = time.perf_counter()
         params = {name: _suggest(trial, name, dim) for name, dim in space.items()}
-        folder = step.out / "trials" / f"trial-{trial.number:03d}"
+        folder = _folder(step.out / "trials", trial)
         trial.set_user_attr("folder", str(folder))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = Pruning(trial, metric)
@@ -76,44 +79,71 @@ def search(step: Step, wf: Workflow) -> ModelRef:
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
         if pruning.pruned:
             raise optuna.TrialPruned()
-        results = (read_json(folder / "manifest.json") or {}).get("results", {})
+        manifest = folder / "manifest.json"
+        results = (read_json(manifest) or {}).get("results", {})
         if results.get(metric) is None:
             raise UsageError(f"search_strategy.metric: the trials report no {metric}; use eval_loss, or list the "
                              f"metric in the pass's eval_metrics (e.g. accuracy)")
+        trial.set_user_attr("metrics", {k: v for k, v in results.items() if isinstance(v, (int, float))})
+        trial.set_user_attr("fingerprint", hashlib.sha256(manifest.read_bytes()).hexdigest()[:16])
         return float(results[metric])
 
-    def show(study: Any, trial: Any) -> None:
+    def show(trial: Any) -> None:
         value = "-" if trial.value is None else f"{trial.value:.4f}"
         print(_row([trial.number, trial.state.name.lower(), value, *(trial.params.get(c, "") for c in columns),
                     trial.user_attrs.get("seconds", "")]), flush=True)
 
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    study.optimize(objective, timeout=strategy.max_time, gc_after_trial=True,
-                   callbacks=[optuna.study.MaxTrialsCallback(strategy.num_trials, states=done), show])
+    deadline = None if strategy.max_time is None else time.monotonic() + strategy.max_time
+    work(study, storage, _planned(strategy, space), objective, show, deadline, strategy.heartbeat_interval)
     return _finish(study, step, metric, columns)
+
+
+def study_name(step: Step, wf: Workflow) -> str:
+    return wf.search.study_name or f"{step.name}-{step.key[:12]}"
+
+
+def _metric(wf: Workflow) -> str:
+    metric = wf.search.metric
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
+def _folder(trials: Path, trial: Any) -> Path:
+    """A trial queued again after its worker died keeps that worker's folder, and so resumes from its
+    checkpoint, when the folder is this machine's (a shared disk, or the same machine)."""
+    earlier = trial.user_attrs.get("folder")
+    if earlier and Path(earlier).parent == trials:
+        return Path(earlier)
+    return trials / f"trial-{trial.number:03d}"
 
 
 def _finish(study: Any, step: Step, metric: str, columns: list[str]) -> ModelRef:
     import optuna
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    trials = [t for t in slots(study.get_trials(deepcopy=False)) if t.state.is_finished()]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise UsageError("no search trial completed; see the errors above, or raise num_trials / max_time")
     best = study.best_trial
-    rows = [{"trial": t.number, "state": t.state.name.lower(), metric: t.value, **t.params,
-             "seconds": t.user_attrs.get("seconds"), "folder": t.user_attrs.get("folder")} for t in trials]
+    rows = [_record(t, metric) for t in trials]
     write_json(step.out / f"{RESULTS}.json", {
         "metric": metric, "direction": study.direction.name.lower(), "best_trial": best.number,
         "best_value": best.value, "best_params": best.params, "best_folder": best.user_attrs["folder"],
-        "trials": rows})
+        "best_worker": best.user_attrs.get("worker"), "trials": rows})
     tmp = step.out / f".{RESULTS}.csv.tmp"
     with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["trial", "state", metric, *columns, "seconds", "folder"])
+        writer = csv.DictWriter(fh, fieldnames=["trial", "state", metric, *columns, "seconds", "worker", "folder"],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(step.out / f"{RESULTS}.csv")
     return trained_model(step.model.path, Path(best.user_attrs["folder"]))
+
+
+def _record(trial: Any, metric: str) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    return {"trial": trial.number, "state": trial.state.name.lower(), metric: trial.value, **trial.params,
+            "seconds": attrs.get("seconds"), "worker": attrs.get("worker"), "folder": attrs.get("folder"),
+            "fingerprint": attrs.get("fingerprint"), "retry_of": trial.system_attrs.get("failed_trial")}
 
 
 def summary(folder: Path) -> str:
@@ -121,16 +151,49 @@ def summary(folder: Path) -> str:
     saved = read_json(folder / f"{RESULTS}.json")
     if saved is None:
         return f"no {RESULTS}.json in {folder}"
-    metric, rows = saved["metric"], saved["trials"]
-    params = list(saved["best_params"])
-    ranked = sorted((r for r in rows if r[metric] is not None), key=lambda r: r[metric],
-                    reverse=saved["direction"] == "maximize") + [r for r in rows if r[metric] is None]
-    lines = [_row(["trial", "state", metric, *params])]
-    lines += [_row([r["trial"], r["state"], "-" if r[metric] is None else f"{r[metric]:.4f}",
-                    *(r.get(p, "") for p in params)]) for r in ranked]
+    table = _ranked(saved["trials"], saved["metric"], list(saved["best_params"]), saved["direction"])
     best = ", ".join(f"{k}={_fmt(v)}" for k, v in saved["best_params"].items())
-    lines.append(f"best: trial {saved['best_trial']} ({metric} {saved['best_value']:.4f}): {best}; adapter in "
-                 f"{saved['best_folder']}; all trials in {folder}/{RESULTS}.csv")
+    return (f"{table}\nbest: trial {saved['best_trial']} ({saved['metric']} {saved['best_value']:.4f}): {best}; "
+            f"adapter in {saved['best_folder']}; all trials in {folder}/{RESULTS}.csv")
+
+
+def status(step: Step, wf: Workflow) -> str:
+    """The study as its database holds it now, from any machine: every trial, and the best so far."""
+    import optuna
+
+    strategy = wf.search
+    if strategy.storage is None and not (step.out / "study.db").is_file():
+        return f"no study yet: {step.out / 'study.db'} does not exist (start `slmops search`, or pass --storage)"
+    storage = open_storage(strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
+                           strategy.heartbeat_interval, strategy.grace_period)
+    name = study_name(step, wf)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return f"no study named {name} in the database yet (start `slmops search`)"
+    metric, trials = _metric(wf), study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in slots(trials):
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    retried = sum(1 for t in trials if t.system_attrs.get("failed_trial") is not None)
+    lines = [f"study {name}: {_planned(strategy, wf.space)} planned; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+             + f"; {retried} retried after a lost worker",
+             _ranked([_record(t, metric) for t in trials], metric, list(wf.space), study.direction.name.lower(),
+                     extra=["worker"])]
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if done:
+        best = study.best_trial
+        lines.append(f"best so far: trial {best.number} ({metric} {best.value:.4f}) by {best.user_attrs.get('worker')}"
+                     f", adapter in {best.user_attrs.get('folder')} (manifest {best.user_attrs.get('fingerprint')})")
+    return "\n".join(lines)
+
+
+def _ranked(rows: list[dict], metric: str, params: list[str], direction: str, extra: tuple | list = ()) -> str:
+    ranked = sorted((r for r in rows if r[metric] is not None), key=lambda r: r[metric],
+                    reverse=direction == "maximize") + [r for r in rows if r[metric] is None]
+    lines = [_row(["trial", "state", metric, *params, *extra])]
+    lines += [_row([r["trial"], r["state"], "-" if r[metric] is None else f"{r[metric]:.4f}",
+                    *(r.get(p, "") for p in [*params, *extra])]) for r in ranked]
     return "\n".join(lines)
 
 
@@ -148,22 +211,6 @@ def _with(options: FinetuneOptions, params: dict[str, Any], pruning: bool) -> Fi
     return FinetuneOptions.build(**values)
 
 
-def _storage(optuna: Any, url: str, engine_kwargs: dict) -> Any:
-    """Workers started together on a new database all create its tables; the ones that lose that race
-    (a unique-constraint or locked-database error) open it again once the winner is done."""
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-        except (IntegrityError, OperationalError):
-            if attempt == 4:
-                raise
-            time.sleep(1 + attempt)
-
-
 def _sampler(kind: str, space: dict[str, Dimension], seed: int) -> Any:
     import optuna
 
@@ -171,7 +218,20 @@ def _sampler(kind: str, space: dict[str, Dimension], seed: int) -> Any:
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.GridSampler({name: _grid(dim) for name, dim in space.items()}, seed=seed)
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, *args: Any) -> None:
+            """optuna's grid stops the study when the grid is used up, which only works inside
+            study.optimize; here the plan (never more trials than grid points) ends it."""
+
+    return Grid({name: _grid(dim) for name, dim in space.items()}, seed=seed)
+
+
+def _planned(strategy: Any, space: dict[str, Dimension]) -> int:
+    """num_trials; for a grid, at most its number of points."""
+    if strategy.type != "grid":
+        return strategy.num_trials
+    return min(strategy.num_trials, math.prod(len(_grid(dim)) for dim in space.values()))
 
 
 def _grid(dim: Dimension) -> list[Any]:
