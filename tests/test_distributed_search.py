@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TEMPLATE
+
 from slmops.cli import main
 
 

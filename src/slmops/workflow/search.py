@@ -25,8 +25,8 @@ from slmops.artifacts.folders import read_json, write_json
 from slmops.errors import UsageError
 from slmops.options.fields import olive_names
 from slmops.options.finetune_options import FinetuneOptions
-from slmops.workflow.reading import ALIASES
 from slmops.workflow.passes import ModelRef, Step, Workflow, finetune, trained_model
+from slmops.workflow.reading import ALIASES
 from slmops.workflow.schema import Dimension
 from slmops.workflow.study import open_storage, slots, work
 
