@@ -118,7 +118,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, taken: set[str]) -> 
                                       "logging_steps 10)")
     for f in dataclasses.fields(TrainingArguments):
         if f.init and f.name not in OWNED and f.name not in taken:
-            kwargs = flag_kind(_scalar(f.type))
+            # a dict field (fsdp_config, deepspeed) takes JSON or a file path; bare --fsdp means true
+            kwargs = {"type": json_object} if "dict" in str(f.type) else flag_kind(_scalar(f.type))
+            kwargs.update({k: f.metadata[k] for k in ("nargs", "const") if k in f.metadata})
             group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
                                help=(f.metadata.get("help") or "").split(". ")[0].replace("%", "%%"), **kwargs)
     group.add_argument("--evaluation_strategy", default=argparse.SUPPRESS, help="old name of --eval_strategy")

@@ -14,6 +14,7 @@ from slmops.errors import UsageError, first_line
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.methods import METHODS
 from slmops.options.training_args import training_argument_names
+from slmops.training.sharding import sharding_args
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
         "dataloader_pin_memory": on_gpu(cfg),
     }
     args.update(user)
+    args.update(sharding_args(user, on_gpu(cfg)))
     if not on_gpu(cfg):
         # Without use_cpu, transformers 5 leaves a torchrun-launched CPU job undistributed: every rank
         # trains alone on all the data.

@@ -153,9 +153,22 @@ class GracefulStop(TrainerCallback):
         self.uninstall()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self._anywhere(args):
             control.should_save = True
             control.should_training_stop = True
+
+    def _anywhere(self, args: Any) -> bool:
+        """Whether any process got the signal: processes that stopped at different steps would wait on
+        each other's collectives for ever, so all stop at the first step end after any one is told."""
+        if args.world_size < 2:
+            return self.received is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self.received is None else 1], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = signal.SIGTERM  # stopping because another process was told to
+        return bool(flag.item())
 
 
 class RunLoss(TrainerCallback):

@@ -25,6 +25,7 @@ from slmops.data.pairs import prepare_pairs
 from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
+from slmops.training.sharding import full_state_dict, shard_on_cpu
 from slmops.models.loading import is_encoder, load_model, resolve
 from slmops.models.threads import LoadWatch, choose_threads
 from slmops.models.tokenizers import load_tokenizer
@@ -130,6 +131,8 @@ class FinetuneRecipe:
                               compute_metrics=compute_metrics if opts.eval_metrics else None,
                               preprocess_logits_for_metrics=response_correct if opts.eval_metrics else None,
                               callbacks=callbacks)
+        if trainer.args.fsdp and not self.gpu:
+            shard_on_cpu(trainer)
         if self.loss is not None:
             use_loss(trainer, self.loss)
         self.run_loss.bind(trainer, self.resume)
@@ -169,7 +172,8 @@ class FinetuneRecipe:
         trainer = self.trainer
         with self.phase("preflight"):
             self.estimate = preflight(trainer, self.amp)
-        self.lm = trainer.is_world_process_zero() and not self.encoder  # an encoder has no perplexity to check
+        # an encoder has no perplexity to check; sharded, every process takes part in each forward pass
+        self.lm = (trainer.is_world_process_zero() or trainer.is_fsdp_enabled) and not self.encoder
         with self.phase("forgetting_check"):
             self.general_before = forgetting.reference_perplexity(self.model, self.tokenizer) if self.lm else None
         self.stop.install()
@@ -190,14 +194,15 @@ class FinetuneRecipe:
     # ---- save ---------------------------------------------------------------------------------------
     def save(self) -> Path:
         trainer, opts, work = self.trainer, self.opts, self.work
-        if not trainer.is_world_process_zero():
-            return self.out
         model = trainer.accelerator.unwrap_model(trainer.model)
         with self.phase("forgetting_check"):
             general = forgetting.compare(self.general_before, forgetting.reference_perplexity(model, self.tokenizer)) \
                 if self.lm else None
         with self.phase("saving"):
-            self._save_weights(model)
+            weights = full_state_dict(model) if trainer.is_fsdp_enabled else None  # all processes gather
+            if not trainer.is_world_process_zero():
+                return self.out
+            self._save_weights(model, weights)
         results = self._results(general)
         write_manifest(work / "manifest.json", "finetune", opts.model_dump(), {
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
@@ -240,14 +245,15 @@ class FinetuneRecipe:
             "timing": dict(self.timing),  # seconds per phase: load, data, preflight, training, evaluation, ...
         }
 
-    def _save_weights(self, model: Any) -> None:
+    def _save_weights(self, model: Any, weights: dict | None) -> None:
+        """`weights`: the gathered state of a sharded model (its own parameters hold only a shard)."""
         work, tokenizer = self.work, self.tokenizer
         if self.opts.method == "full":
             model.config.use_cache = True
-            model.save_pretrained(work / "model")
+            model.save_pretrained(work / "model", state_dict=weights)
             tokenizer.save_pretrained(work / "model")
             return
-        model.save_pretrained(work / "adapter")
+        model.save_pretrained(work / "adapter", state_dict=weights)
         tokenizer.save_pretrained(work / "adapter")
         if self.opts.merge:
             # Merge into a full-precision copy of the base: merging into bf16 or 4-bit weights loses precision.
