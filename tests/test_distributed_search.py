@@ -1,66 +1,29 @@
 """`slmops search` on a real PostgreSQL server shared by worker processes: the plan, a killed worker,
-a database restart, and bad URLs. The server comes from the system's PostgreSQL packages, started in
-a temporary folder (as the `postgres` user when the tests run as root)."""
+a database restart, and bad URLs. The server is the system's PostgreSQL, started by tests/postgres.py."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import TEMPLATE
+from postgres import Postgres
 
 from slmops.cli import main
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster on a loopback port, with trust authentication."""
-
-    def __init__(self) -> None:
-        found = shutil.which("pg_ctl") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None)
-        if found is None:
-            pytest.fail("PostgreSQL is not installed: run the README's set-up (it apt-installs postgresql)")
-        self.bin = Path(found).parent
-        self.root = Path(tempfile.mkdtemp(prefix="slmops-pg-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"postgresql://slmops@127.0.0.1:{self.port}/postgres"
-        if os.geteuid() == 0:  # initdb refuses root
-            shutil.chown(self.root, "postgres")
-        self._as_owner("initdb", "-D", str(self.root / "data"), "--auth=trust", "-U", "slmops", "--no-sync")
-        self.start()
-
-    def _as_owner(self, tool: str, *args: str) -> None:
-        command = [str(self.bin / tool), *args]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", "postgres", "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        self._as_owner("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "-o",
-                       f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off", "start")
-
-    def stop(self) -> None:
-        self._as_owner("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
 
 
 @pytest.fixture(scope="module")
 def postgres():
     server = Postgres()
     yield server
-    server.stop()
-    shutil.rmtree(server.root, ignore_errors=True)
+    server.remove()
 
 
 def config(model: Path, data: Path, out: Path, trials: int, steps: int, **strategy) -> Path:
@@ -116,16 +79,8 @@ def running_on(url: str, pid: int, seconds: float = 300) -> int:
     raise AssertionError(f"worker {pid} never ran a trial")
 
 
-def fresh_database(postgres: Postgres, name: str) -> str:
-    import psycopg
-
-    with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
-
-
 def test_two_workers_share_one_postgres_study(postgres, tiny_llama, sentiment_file, tmp_path, capsys):
-    url = fresh_database(postgres, "shared")
+    url = postgres.database("shared")
     cfg = config(tiny_llama, sentiment_file, tmp_path / "run", trials=4, steps=6)
     workers = [worker(cfg, url) for _ in range(2)]
     for w in workers:
@@ -147,7 +102,7 @@ def test_two_workers_share_one_postgres_study(postgres, tiny_llama, sentiment_fi
 
 
 def test_a_killed_workers_trial_is_run_again_by_the_other(postgres, tiny_llama, sentiment_file, tmp_path):
-    url = fresh_database(postgres, "killed")
+    url = postgres.database("killed")
     cfg = config(tiny_llama, sentiment_file, tmp_path / "run", trials=3, steps=40, heartbeat_interval=1,
                  grace_period=4, pruning=False)
     doomed, survivor = worker(cfg, url), worker(cfg, url)
@@ -167,7 +122,7 @@ def test_a_killed_workers_trial_is_run_again_by_the_other(postgres, tiny_llama, 
 
 
 def test_a_worker_rides_out_a_database_restart(postgres, tiny_llama, sentiment_file, tmp_path):
-    url = fresh_database(postgres, "restart")
+    url = postgres.database("restart")
     cfg = config(tiny_llama, sentiment_file, tmp_path / "run", trials=2, steps=60, heartbeat_interval=1,
                  grace_period=60)
     w = worker(cfg, url)

@@ -6,12 +6,11 @@ import signal
 
 import pytest
 import torch
+from conftest import FAMILIES, TEMPLATE, build_model, sentiment_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import FAMILIES, TEMPLATE, build_model, sentiment_rows, write_jsonl
 from slmops import finetune
-from slmops.errors import UsageError
-from slmops.errors import Interrupted
+from slmops.errors import Interrupted, UsageError
 
 FAST = dict(per_device_train_batch_size=8, logging_steps=1, learning_rate=5e-3, save_steps=1000, lora_dropout=0.0,
             report_to="none")
@@ -57,8 +56,8 @@ def test_families_train_with_default_targets(family, tokenizer_dir, models_root,
 
 
 def test_qlora_weights_stay_trainable_after_eval(tiny_llama):
-    from slmops.training.model_setup import keep_4bit_trainable, quantization_config
     from slmops.models.loading import load_model
+    from slmops.training.model_setup import keep_4bit_trainable, quantization_config
     model = load_model(str(tiny_llama), torch.float32, quantization_config=quantization_config(torch.float32),
                        device_map={"": "cpu"})
     assert keep_4bit_trainable(model) == 14  # 7 linear layers x 2 blocks
@@ -312,9 +311,9 @@ def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sen
 def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeated_batch, tmp_path):
     from peft import PeftModel
 
-    from slmops.options.finetune_options import DataOptions
-    from slmops.data.prepare import prepare_data
     from slmops.data.formatting import IGNORE
+    from slmops.data.prepare import prepare_data
+    from slmops.options.finetune_options import DataOptions
 
     out = run(tiny_llama, repeated_batch, tmp_path / "out", max_steps=12, eval_split="train[:8]",
               eval_metrics=["accuracy"], eval_steps=6)
@@ -348,3 +347,16 @@ def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeat
 def test_unknown_eval_metric_is_refused(tiny_llama, sentiment_file, tmp_path):
     with pytest.raises(UsageError, match="unknown metric.*bleu; known: accuracy"):
         run(tiny_llama, sentiment_file, tmp_path / "out", eval_metrics=["bleu"])
+
+
+def test_a_checkpoint_cut_off_while_saving_is_passed_over(tmp_path, caplog):
+    from slmops.training.recipe import last_checkpoint
+
+    for step, complete in ((2, True), (10, True), (12, False)):  # 10 after 2: by number, not by name
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert "checkpoint-12 is incomplete" in caplog.text
+    assert last_checkpoint(tmp_path / "none") is None

@@ -16,8 +16,11 @@ from typing import Any, Iterator, Sequence
 
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import EarlyStoppingCallback, PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import (
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+)
 
 from slmops.artifacts.folders import partial_dir, publish, refuse_existing
 from slmops.artifacts.manifest import peak_memory_mb, write_manifest
@@ -25,7 +28,6 @@ from slmops.data.pairs import prepare_pairs
 from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
-from slmops.training.sharding import full_state_dict, shard_on_cpu
 from slmops.models.loading import is_encoder, load_model, resolve
 from slmops.models.threads import LoadWatch, choose_threads
 from slmops.models.tokenizers import load_tokenizer
@@ -33,14 +35,22 @@ from slmops.options.finetune_options import FinetuneOptions
 from slmops.training import forgetting
 from slmops.training.accuracy import compute_metrics, response_correct
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
-from slmops.training.callbacks import FollowLoad, GracefulStop, MetricsLog, Progress, Resources, RunLoss
+from slmops.training.callbacks import (
+    FollowLoad,
+    GracefulStop,
+    MetricsLog,
+    Progress,
+    Resources,
+    RunLoss,
+)
 from slmops.training.losses import build_loss, reads_kept_logits, use_loss
 from slmops.training.model_setup import attach_method, load_base
 from slmops.training.preflight import preflight
-from slmops.training.stages import STAGES, preference_trainer, stage_config
+from slmops.training.sharding import full_state_dict, shard_on_cpu
 from slmops.training.speed import Batching, speed_up
 from slmops.training.speed.logits import causal_lm_loss
-from slmops.training.speed.memory import keep_freed_memory
+from slmops.training.speed.memory import give_back_freed_memory, keep_freed_memory
+from slmops.training.stages import STAGES, preference_trainer, stage_config
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +108,13 @@ class FinetuneRecipe:
         self.args = build_training_args(opts, self.work / "checkpoints", self.amp, config, **stage)
         if self.encoder:
             self.args.label_names = ["labels"]  # an encoder's forward takes no labels: the Trainer cannot tell
+        if not self.gpu and self.args.fsdp:
+            give_back_freed_memory()  # before loading: the whole model's weights go once it is sharded
         with self.phase("load"):
             base = load_base(opts, self.model_path, self.amp, self.args.gradient_checkpointing, self.encoder,
                              self.gpu)
             self.model, self.targets = attach_method(base, opts, self.encoder, self.gpu)
-        if not self.gpu:
+        if not self.gpu and not self.args.fsdp:  # sharding is for memory: give freed blocks back
             keep_freed_memory()
         self.batching = Batching(None, False, False, False) if self.preference else \
             speed_up(self.model, opts.packing, opts.share_prefix, reads_kept_logits(self.loss), pairs,
@@ -149,7 +161,7 @@ class FinetuneRecipe:
         opts, work = self.opts, self.work
         refuse_existing(self.out, opts.overwrite)
         checkpoints = work / "checkpoints"
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_checkpoint(checkpoints)
         if opts.resume_from_checkpoint not in (None, "auto"):
             path = Path(opts.resume_from_checkpoint).expanduser()
             if not (path / "trainer_state.json").exists():
@@ -185,7 +197,7 @@ class FinetuneRecipe:
         evaluations = round(self.metrics_log.eval_seconds, 2)  # the Trainer's own evaluations, inside train()
         self.timing.update(training=round(self.timing["training"] - evaluations, 2), evaluation=evaluations)
         if self.stop.received is not None:
-            last = get_last_checkpoint(str(self.work / "checkpoints"))
+            last = last_checkpoint(self.work / "checkpoints")
             raise Interrupted(f"interrupted: checkpoint saved in {last}; continue with the same command plus "
                               f"--resume_from_checkpoint auto", last)
         with self.phase("evaluation"):
@@ -264,6 +276,18 @@ class FinetuneRecipe:
             merged.config.use_cache = True
             merged.save_pretrained(work / "model")
             tokenizer.save_pretrained(work / "model")
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The latest complete checkpoint. A process killed while saving leaves a checkpoint-N folder without
+    its trainer_state.json (the Trainer writes it last); resuming from that would fail, so it is passed over."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit()) if folder.is_dir() else []
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("%s is incomplete (its process stopped while saving it); resuming from an earlier one", path)
+    return None
 
 
 def write_report_safely(work: Path, out: Path) -> None:
