@@ -48,7 +48,7 @@ def test_lora_sharded_over_two_processes_trains_like_one(tiny_llama, sentiment_f
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # each process wrote its shard
 
 
-def test_full_fine_tune_sharded_resumes_after_sigterm(tiny_llama, sentiment_file, tmp_path):
+def test_full_fine_tune_sharded_trains_like_one_process_and_resumes_after_sigterm(tiny_llama, sentiment_file, tmp_path):
     args = (str(tiny_llama), str(sentiment_file))
     whole = torchrun(*args, str(tmp_path / "whole"), "full", "0", "", port=29562)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -57,6 +57,8 @@ def test_full_fine_tune_sharded_resumes_after_sigterm(tiny_llama, sentiment_file
     resumed = torchrun(*args, str(tmp_path / "cut"), "full", "0", "auto", port=29564)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert curve(tmp_path / "cut") == pytest.approx(curve(tmp_path / "whole"), rel=1e-5)
+    finetune(options(*args, str(tmp_path / "one"), "full", None, per_device_train_batch_size=8))
+    assert curve(tmp_path / "whole") == pytest.approx(curve(tmp_path / "one"), rel=1e-3)
     a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 

@@ -177,7 +177,7 @@ def status(step: Step, wf: Workflow) -> str:
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     retried = sum(1 for t in trials if t.system_attrs.get("failed_trial") is not None)
     lines = [f"study {name}: {_planned(strategy, wf.space)} planned; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-             + f"; {retried} retried after a lost worker",
+             + f"; {retried} run again (worker lost or interrupted)",
              _ranked([_record(t, metric) for t in trials], metric, list(wf.space), study.direction.name.lower(),
                      extra=["worker"])]
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
