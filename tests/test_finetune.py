@@ -65,13 +65,25 @@ def test_qlora_weights_stay_trainable_after_eval(tiny_llama):
 
 
 def test_output_folder_manifest_and_merge(tiny_llama, sentiment_file, tmp_path):
-    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=4, merge=True, task_name="tone")
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=4, merge=True, task_name="tone",
+              eval_strategy="no")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["task_name"] == "tone" and manifest["seed"] == 42
     assert manifest["data"]["train"]["rows"] + manifest["data"]["eval"]["rows"] == 48
     assert len(manifest["data"]["fingerprint"]) == 64
     assert manifest["results"]["eval_loss"] > 0 and manifest["results"]["tokens_per_second"] > 0
     assert manifest["versions"]["peft"] and manifest["results"]["peak_rss_mb"] > 0
+    # the responses are labels: accuracy is measured by default, before and after
+    assert manifest["resolved"]["eval_metrics"] == ["accuracy"]
+    results = manifest["results"]
+    assert 0 <= results["eval_before"]["eval_accuracy"] <= 1 and 0 <= results["eval_accuracy"] <= 1
+    # tokens/s leaves out the evaluation inside training (step 0), not the final one after it
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if "eval_runtime" in e] == [0, 4]
+    inside = [e["eval_runtime"] for e in events if "eval_runtime" in e and e["step"] == 0]
+    assert results["eval_seconds_in_training"] == pytest.approx(sum(inside), abs=0.01)
+    assert results["tokens_per_second"] == pytest.approx(
+        results["train_tokens"] / (results["train_runtime_s"] - sum(inside)), rel=1e-2)
     # where the wall time went, phase by phase; the phases do not overlap, so they sum to at most the whole
     timing, wall = manifest["results"]["timing"], manifest["results"]["wall_time_s"]
     assert set(timing) == {"load", "data", "preflight", "forgetting_check", "training", "evaluation", "saving"}
@@ -360,3 +372,12 @@ def test_a_checkpoint_cut_off_while_saving_is_passed_over(tmp_path, caplog):
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert "checkpoint-12 is incomplete" in caplog.text
     assert last_checkpoint(tmp_path / "none") is None
+
+
+def test_default_run_evaluates_five_times_with_the_task_metric(tiny_llama, sentiment_file, tmp_path):
+    out = run(tiny_llama, sentiment_file, tmp_path / "out", max_steps=8)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], "eval_accuracy" in e) for e in events if "eval_loss" in e] == [
+        (0, True), (2, True), (4, True), (6, True), (8, True)]  # before, each quarter, the end (reused)
+    args = json.loads((out / "manifest.json").read_text())["resolved"]["training_args"]
+    assert args["eval_steps"] == 0.25 and args["per_device_eval_batch_size"] == 32

@@ -48,7 +48,10 @@ def markers(svg: ET.Element, gid: str) -> list[tuple[float, float]]:
 def test_finetune_writes_the_report_into_the_published_folder(run_dir):
     page = (run_dir / "report.html").read_text()
     assert not run_dir.with_name(run_dir.name + ".partial").exists()
-    assert len(svgs(page)) == 4 and "Not enough logged points" not in page
+    # loss, learning rate, throughput, memory, and task accuracy (the responses are labels)
+    assert len(svgs(page)) == 5 and "Not enough logged points" not in page
+    accuracy = [(e["step"], e["eval_accuracy"]) for e in events(run_dir) if "eval_accuracy" in e]
+    assert len(accuracy) == 4 and len(markers(svgs(page)[4], "validation-accuracy")) == 4
     assert "<script" not in page and "<link" not in page and not re.search(r"(src|href)=\"?(https?:)?//", page)
 
 
@@ -194,7 +197,7 @@ def curve_pixels(png) -> list[int]:
 def test_chromium_renders_the_plots(run_dir, tmp_path):
     page = run_dir / "report.html"
     dom = chromium(page, tmp_path / "profile", "--dump-dom")
-    assert dom.count("<svg") == 4 and 'id="train-loss"' in dom and 'id="validation-loss"' in dom
+    assert dom.count("<svg") == 5 and 'id="train-loss"' in dom and 'id="validation-loss"' in dom
     chromium(page, tmp_path / "profile", f"--screenshot={tmp_path / 'page.png'}")
     blue, orange = curve_pixels(tmp_path / "page.png")
     assert blue > 500 and orange > 100, (blue, orange)  # train and validation loss curves are on screen

@@ -73,7 +73,7 @@ def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     data = write_jsonl(root / "d.jsonl", sentiment_rows(32))
     return {name: finetune(model_name_or_path=str(tiny_llama), data_name=str(data), text_template=TEMPLATE,
                            output_path=str(root / name), max_steps=3, learning_rate=lr, seed=seed, lora_r=4,
-                           report_to="none", eval_on_start=False, per_device_train_batch_size=8)
+                           report_to="none", eval_on_start=False, eval_strategy="no", per_device_train_batch_size=8)
             for name, lr, seed in (("tone", 5e-2, 1), ("mood", 3e-2, 2))}
 
 

@@ -32,10 +32,11 @@ PLOTS = (("Loss", "step", "loss", ("train loss", "validation loss")),
          ("Learning rate", "step", "learning rate", ("learning rate",)),
          ("Throughput", "seconds since the start of training", "tokens/s", ("tokens/s",)),
          ("Memory", "seconds since the start of training", "MB", ("resident memory", "GPU memory")))
-# a preference stage's own curves (TRL's logs), drawn when the run has them
-PREFERENCE_PLOTS = (("Reward margin", "step", "chosen - rejected reward", ("reward margin", "validation reward margin")),
-                    ("Reward accuracy", "step", "pairs ranked right", ("reward accuracy", "validation reward accuracy")),
-                    ("Log-probabilities", "step", "log p of the answer", ("chosen log-prob", "rejected log-prob")))
+# drawn when the run has them: the task metric, and a preference stage's own curves (TRL's logs)
+EXTRA_PLOTS = (("Task accuracy", "step", "responses greedy decoding gets right", ("validation accuracy",)),
+               ("Reward margin", "step", "chosen - rejected reward", ("reward margin", "validation reward margin")),
+               ("Reward accuracy", "step", "pairs ranked right", ("reward accuracy", "validation reward accuracy")),
+               ("Log-probabilities", "step", "log p of the answer", ("chosen log-prob", "rejected log-prob")))
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;margin-top:1.6em}td,th{padding:2px 10px;text-align:left;
 vertical-align:top}tr:nth-child(even){background:#f4f4f4}.plots{display:grid;grid-template-columns:1fr 1fr;gap:1em}
@@ -91,6 +92,7 @@ def curves(events: Iterable[dict]) -> dict[str, Series]:
         return sorted(found, key=lambda p: p[0])  # stable: points logged at one step keep their order
 
     return {"train loss": points("step", "loss"), "validation loss": points("step", "eval_loss"),
+            "validation accuracy": points("step", "eval_accuracy"),
             "learning rate": points("step", "learning_rate"), "tokens/s": points("time_s", "tokens_per_second"),
             "resident memory": points("time_s", "rss_mb", "eval_rss_mb"),
             "GPU memory": points("time_s", "gpu_memory_mb", "eval_gpu_memory_mb"),
@@ -195,8 +197,8 @@ def render(manifest: dict, events: list[dict], benchmark: dict | None = None) ->
         f"{_e(_fmt(results.get('global_step')))} steps, {_e(_fmt(results.get('wall_time_s')))} s.</p>",
         f"<h2>Warnings</h2>{warn}", "<h2>Curves</h2><div class=plots>",
         *(_plot(title, x, y, {n: series[n] for n in names}) for title, x, y, names in PLOTS + tuple(
-            p for p in PREFERENCE_PLOTS if any(series[n] for n in p[3]))), "</div>",
-        "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, options),
+            p for p in EXTRA_PLOTS if any(series[n] for n in p[3]))), "</div>",
+        "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, (manifest.get("resolved") or {}).get("eval_metrics") or options.get("eval_metrics") or []),
         *(_benchmark(benchmark) if benchmark else ()),
         "<h2>Results</h2>", _table(_flat({k: v for k, v in results.items() if k != "eval_before"})),
         "<h2>Data</h2>", _data(manifest.get("data") or {}),
@@ -258,9 +260,9 @@ def _plot(title: str, xlabel: str, ylabel: str, lines: dict[str, Series]) -> str
     return f"<figure>{svg[svg.index('<svg'):]}</figure>"
 
 
-def _before_after(results: dict, options: dict) -> str:
+def _before_after(results: dict, metrics: list[str]) -> str:
     before = results.get("eval_before") or {}
-    keys = dict.fromkeys([*before, "eval_loss", *(f"eval_{m}" for m in options.get("eval_metrics") or ())])
+    keys = dict.fromkeys([*before, "eval_loss", *(f"eval_{m}" for m in metrics)])
     rows = [(k.removeprefix("eval_"), before.get(k), results.get(k)) for k in keys
             if before.get(k) is not None or results.get(k) is not None]
     if not rows:

@@ -135,7 +135,8 @@ class FinetuneOptions(DataOptions):
     early_stopping_patience: PositiveInt | None = option(
         None, "stop after this many evaluations without a better validation loss")
     eval_metrics: list[str] | None = option(None, "task metrics at each evaluation besides the loss: accuracy "
-                                                  "(responses greedy decoding gets exactly right)")
+                                                  "(responses greedy decoding gets exactly right; the default "
+                                                  "where the responses are labels; '' for none)")
     resume_from_checkpoint: str | None = option(None, "checkpoint folder, or 'auto' for the latest in this run")
     logging_dir: str | None = option(None, "TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
     training_args: dict[str, Any] = option({}, "Hugging Face TrainingArguments, passed through", cli=False)

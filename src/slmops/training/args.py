@@ -79,6 +79,12 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
         "report_to": "none",
         "include_num_input_tokens_seen": "non_padding",
         "eval_on_start": True,  # the untrained model's validation metrics: every run reports before -> after
+        # and at a quarter, half, three quarters and the end of training: a curve, not a line between two
+        # points. Forward passes only, in batches of 32: five evaluations cost about what two in batches
+        # of transformers' 8 did (SmolLM2, 200 SST-2 rows: 2.5 s each against 4.3 s)
+        "eval_strategy": "steps",
+        "eval_steps": 0.25,
+        "per_device_eval_batch_size": 32,
         "remove_unused_columns": False,
         "dataloader_pin_memory": on_gpu(cfg),
     }
@@ -98,9 +104,8 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
     if "bf16" not in user and "fp16" not in user:
         args["bf16"] = amp == torch.bfloat16
         args["fp16"] = amp == torch.float16 and on_gpu(cfg)
-    if "eval_strategy" not in args and ("eval_steps" in user or cfg.early_stopping_patience):
-        args["eval_strategy"] = "steps"
-        args.setdefault("eval_steps", args["save_steps"] if cfg.early_stopping_patience else None)
+    if cfg.early_stopping_patience and "eval_steps" not in user:
+        args["eval_steps"] = args["save_steps"]
     if cfg.early_stopping_patience:
         args.setdefault("metric_for_best_model", "eval_loss")
         args.setdefault("load_best_model_at_end", True)

@@ -82,6 +82,14 @@ class FinetuneRecipe:
             self.timing[name] = round(self.timing.get(name, 0.0) + time.perf_counter() - start, 2)
 
     # ---- set up -------------------------------------------------------------------------------------
+    def _eval_metrics(self) -> list[str]:
+        """--eval_metrics, or by default accuracy where the responses are labels (a few distinct answers,
+        as `data check` finds them): every evaluation then says how often greedy decoding gets the label."""
+        opts = self.opts
+        if opts.eval_metrics is not None or self.preference or opts.text_pair_field is not None:
+            return list(opts.eval_metrics or ())
+        return ["accuracy"] if "label_counts" in self.data.stats.get("checks", {}) else []
+
     def setup(self) -> None:
         opts = self.opts
         self.resume = self._plan_output()
@@ -102,6 +110,7 @@ class FinetuneRecipe:
                 self.data = prepare_preferences(opts, self.tokenizer)
             else:
                 self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
+        self.eval_metrics = self._eval_metrics()
         self.amp = autocast_dtype(opts)
         config, stage = stage_config(opts.stage, opts.beta, opts.max_seq_len) if self.preference else \
             (TrainingArguments, {})
@@ -140,8 +149,8 @@ class FinetuneRecipe:
                               eval_dataset=self.data.eval, data_collator=self.batching.collator,
                               compute_loss_func=causal_lm_loss if self.loss is None else None,
                               processing_class=self.tokenizer,
-                              compute_metrics=compute_metrics if opts.eval_metrics else None,
-                              preprocess_logits_for_metrics=response_correct if opts.eval_metrics else None,
+                              compute_metrics=compute_metrics if self.eval_metrics else None,
+                              preprocess_logits_for_metrics=response_correct if self.eval_metrics else None,
                               callbacks=callbacks)
         if trainer.args.fsdp and not self.gpu:
             shard_on_cpu(trainer)
@@ -194,8 +203,9 @@ class FinetuneRecipe:
                 self.result = trainer.train(resume_from_checkpoint=self.resume)
         finally:
             self.stop.uninstall()
-        evaluations = round(self.metrics_log.eval_seconds, 2)  # the Trainer's own evaluations, inside train()
-        self.timing.update(training=round(self.timing["training"] - evaluations, 2), evaluation=evaluations)
+        # the Trainer's own evaluations, inside train(); the final one, if any, comes after
+        self.eval_in_training = evaluations = self.metrics_log.eval_seconds
+        self.timing.update(training=round(self.timing["training"] - evaluations, 2), evaluation=round(evaluations, 2))
         if self.stop.received is not None:
             last = last_checkpoint(self.work / "checkpoints")
             raise Interrupted(f"interrupted: checkpoint saved in {last}; continue with the same command plus "
@@ -220,7 +230,7 @@ class FinetuneRecipe:
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
             "share_prefix": self.batching.shared_prefix, "loss": self.loss_record,
             "autocast_dtype": str(self.amp).removeprefix("torch."), "device": str(self.args.device),
-            "world_size": self.args.world_size, "cpu_threads": self.threads,
+            "world_size": self.args.world_size, "cpu_threads": self.threads, "eval_metrics": self.eval_metrics,
             "training_args": {k: v for k, v in self.args.to_dict().items() if not k.startswith(("hub_", "push_"))},
         }, self.data.stats, results)
         write_report_safely(work, self.out)
@@ -235,9 +245,9 @@ class FinetuneRecipe:
     def _results(self, general: dict | None) -> dict[str, Any]:
         trainer, metrics = self.trainer, self.final_metrics
         runtime = self.result.metrics.get("train_runtime") or 1e-9
-        training = max(runtime - self.metrics_log.eval_seconds, 1e-9)  # tokens/s counts training, not evaluations
+        training = max(runtime - self.eval_in_training, 1e-9)  # tokens/s counts training, not evaluations
         tokens = trainer.state.num_input_tokens_seen
-        wanted = STAGES[self.opts.stage].metrics if self.preference else self.opts.eval_metrics or ()
+        wanted = STAGES[self.opts.stage].metrics if self.preference else self.eval_metrics
         return {
             "train_loss": self.run_loss.whole_run(self.result.training_loss, trainer.state.global_step),
             "eval_loss": metrics.get("eval_loss"),
@@ -247,7 +257,7 @@ class FinetuneRecipe:
             "epoch": trainer.state.epoch,
             "wall_time_s": round(time.perf_counter() - self.started, 2),
             "train_runtime_s": runtime,
-            "eval_seconds_in_training": round(self.metrics_log.eval_seconds, 2),
+            "eval_seconds_in_training": round(self.eval_in_training, 2),
             "train_tokens": tokens,
             # None where the trainer's batches do not count tokens (TRL's ORPO)
             "tokens_per_second": round((tokens - self.metrics_log.tokens_at_start) / training, 2) if tokens else None,

@@ -74,7 +74,7 @@ def search(step: Step, wf: Workflow) -> ModelRef:
         trial.set_user_attr("folder", str(folder))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = Pruning(trial, metric)
-        options = _with(step.options, params, strategy.pruning)
+        options = _with(step.options, params)
         finetune(Step(step.name, step.type, options, step.model, folder, True, callbacks=(pruning,)))
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
         if pruning.pruned:
@@ -197,17 +197,15 @@ def _ranked(rows: list[dict], metric: str, params: list[str], direction: str, ex
     return "\n".join(lines)
 
 
-def _with(options: FinetuneOptions, params: dict[str, Any], pruning: bool) -> FinetuneOptions:
-    """The pass's options with a trial's values (and evaluations during training, to prune on)."""
+def _with(options: FinetuneOptions, params: dict[str, Any]) -> FinetuneOptions:
+    """The pass's options with a trial's values (fine-tuning evaluates four times by default: the
+    pruner decides on those)."""
     values, ours = options.model_dump(), olive_names(FinetuneOptions)
     for name, value in params.items():
         name = ours.get(name, ALIASES.get(name, name))
         if name in ("target_modules", "modules_to_save") and isinstance(value, str):
             value = value.split(",")
         values[name] = value
-    given = {**values, **values["training_args"]}
-    if pruning and "eval_strategy" not in given and "eval_steps" not in given:
-        values["training_args"] = {**values["training_args"], "eval_strategy": "steps", "eval_steps": 0.25}
     return FinetuneOptions.build(**values)
 
 
