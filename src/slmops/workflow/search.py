@@ -136,7 +136,12 @@ def _finish(study: Any, step: Step, metric: str, columns: list[str]) -> ModelRef
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(step.out / f"{RESULTS}.csv")
-    return trained_model(step.model.path, Path(best.user_attrs["folder"]))
+    folder = Path(best.user_attrs["folder"])
+    if not folder.is_dir():
+        log.warning("the best trial, %d, was trained by %s: its adapter is in %s on that machine. Copy that folder "
+                    "to the same path here (or give the workers a shared output_dir) before later passes use it",
+                    best.number, best.user_attrs.get("worker"), folder)
+    return trained_model(step.model.path, folder)
 
 
 def _record(trial: Any, metric: str) -> dict[str, Any]:
