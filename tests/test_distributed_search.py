@@ -138,7 +138,8 @@ def test_a_worker_rides_out_a_database_restart(postgres, tiny_llama, sentiment_f
 @pytest.mark.parametrize("storage, expected", [
     ("postgresql://nobody@127.0.0.1:1/none", "cannot connect to postgresql+psycopg://nobody@127.0.0.1:1/none"),
     ("postgresql://nobody:secret@127.0.0.1:1/none", "nobody:***@127.0.0.1:1"),
-    ("mongodb://127.0.0.1/x", "'mongodb' is not a database URL"),
+    ("mongodb://127.0.0.1/x", "cannot use this URL (Can't load plugin: sqlalchemy.dialects:mongodb)"),
+    ("postgresql://nobody:secret@127.0.0.1:port/none", "cannot use this URL"),
 ])
 def test_a_bad_storage_is_one_line_before_any_training(tiny_llama, sentiment_file, tmp_path, capsys, storage,
                                                        expected):

@@ -75,9 +75,9 @@ def check_storage(url: str) -> str:
         raise UsageError(f"search_strategy.storage: the database driver is not installed ({first_line(err)}); "
                          f"pip install 'slmops[search]'")
     except Exception as err:  # noqa: BLE001  (ArgumentError, NoSuchModuleError: not a URL SQLAlchemy knows)
-        raise UsageError(f"search_strategy.storage: {url.split('://')[0]!r} is not a database URL "
-                         f"({first_line(err)}); use postgresql://USER:PASSWORD@HOST:5432/DATABASE or "
-                         f"sqlite:///PATH")
+        why = first_line(err).replace(url, "the URL")  # it may carry a password
+        raise UsageError(f"search_strategy.storage: cannot use this URL ({why}); write it as "
+                         f"postgresql://USER:PASSWORD@HOST:5432/DATABASE or sqlite:///PATH")
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
