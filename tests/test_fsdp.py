@@ -66,6 +66,7 @@ def test_full_fine_tune_sharded_trains_like_one_process_and_resumes_after_sigter
 @pytest.mark.parametrize("flags, expected", [
     (["--fsdp"], "--fsdp shards the model across processes: launch with torchrun"),
     (["--deepspeed", "ds.json"], "--deepspeed needs CUDA GPUs"),
+    (["--fsdp", "--method", "qlora"], "--fsdp does not shard --method qlora's 4-bit base yet"),
 ])
 def test_sharding_flags_that_cannot_work_are_one_line(tiny_llama, sentiment_file, tmp_path, capsys, flags, expected):
     argv = ["finetune", "-m", str(tiny_llama), "-d", str(sentiment_file), "--text_template", "{phrase} {tone}",

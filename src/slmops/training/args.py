@@ -89,7 +89,7 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
         "dataloader_pin_memory": on_gpu(cfg),
     }
     args.update(user)
-    args.update(sharding_args(user, on_gpu(cfg)))
+    args.update(sharding_args(user, on_gpu(cfg), cfg.method))
     if not on_gpu(cfg):
         # Without use_cpu, transformers 5 leaves a torchrun-launched CPU job undistributed: every rank
         # trains alone on all the data.

@@ -26,7 +26,7 @@ def wanted(value: Any) -> bool:
     return bool(value) and str(value).lower() not in ("false", "0", "no", "off")
 
 
-def sharding_args(user: dict[str, Any], gpu: bool) -> dict[str, Any]:
+def sharding_args(user: dict[str, Any], gpu: bool, method: str) -> dict[str, Any]:
     """The TrainingArguments for --fsdp / --deepspeed, checked before any model loads."""
     if user.get("deepspeed") and not gpu:
         raise UsageError("--deepspeed needs CUDA GPUs (DeepSpeed has no CPU training path in accelerate); on CPU "
@@ -35,6 +35,9 @@ def sharding_args(user: dict[str, Any], gpu: bool) -> dict[str, Any]:
         return {"fsdp": None} if "fsdp" in user else {}
     if user.get("deepspeed"):
         raise UsageError("--fsdp and --deepspeed both shard the model; choose one")
+    if method == "qlora":  # 4-bit weights would need a float storage type to be split across processes
+        raise UsageError("--fsdp does not shard --method qlora's 4-bit base yet; use --method lora with --fsdp "
+                         "(the base is sharded instead of quantized), or qlora without --fsdp")
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
                          "(N >= 2) -m slmops finetune ...; see docs/distributed.md")
