@@ -18,7 +18,6 @@ worker its trials. What it leaves open, and this module adds:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -126,6 +125,8 @@ def study_lock(storage: Any, study_name: str) -> Iterator[None]:
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     elif engine.dialect.name == "sqlite" and engine.url.database:
+        import fcntl  # POSIX; SQLite workers share one machine
+
         with open(Path(engine.url.database).with_suffix(".lock"), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
