@@ -276,6 +276,11 @@ def test_random_search_ends_with_a_table_and_the_best_adapter(tiny_llama, sentim
     assert json.loads((out / "lora" / "pass.json").read_text())["output_model"]["adapter"] == str(best / "adapter")
     assert (out / "lora" / "search_results.csv").read_text().count("\n") == 5
     assert {t["lora_r"] for t in results["trials"]} <= {2, 4, 6, 8}
+    # the study as its SQLite file holds it, without running anything
+    assert main(["search", "--config", str(config), "--status"]) == 0
+    shown = capsys.readouterr().out
+    assert "4 planned" in shown and f"best so far: trial {results['best_trial']}" in shown
+    assert results["best_folder"] in shown
 
 
 def test_interrupted_search_resumes_its_study(tiny_llama, sentiment_file, tmp_path, monkeypatch):
