@@ -74,9 +74,10 @@ def test_output_folder_manifest_and_merge(tiny_llama, sentiment_file, tmp_path):
     assert manifest["results"]["eval_loss"] > 0 and manifest["results"]["tokens_per_second"] > 0
     assert manifest["versions"]["peft"] and manifest["results"]["peak_rss_mb"] > 0
     # the responses are labels: accuracy is measured by default, before and after
-    assert manifest["resolved"]["eval_metrics"] == ["accuracy"]
+    assert manifest["resolved"]["eval_metrics"] == ["accuracy", "f1"]
     results = manifest["results"]
     assert 0 <= results["eval_before"]["eval_accuracy"] <= 1 and 0 <= results["eval_accuracy"] <= 1
+    assert 0 <= results["eval_before"]["eval_f1"] <= 1 and 0 <= results["eval_f1"] <= 1
     # tokens/s leaves out the evaluation inside training (step 0), not the final one after it
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "eval_runtime" in e] == [0, 4]
@@ -322,13 +323,14 @@ def test_forgetting_check_measures_general_text_before_and_after(tiny_llama, sen
 
 def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeated_batch, tmp_path):
     from peft import PeftModel
+    from sklearn.metrics import f1_score
 
     from slmops.data.formatting import IGNORE
     from slmops.data.prepare import prepare_data
     from slmops.options.finetune_options import DataOptions
 
     out = run(tiny_llama, repeated_batch, tmp_path / "out", max_steps=12, eval_split="train[:8]",
-              eval_metrics=["accuracy"], eval_steps=6)
+              eval_metrics=["accuracy", "f1"], eval_steps=6)
     results = json.loads((out / "manifest.json").read_text())["results"]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "eval_accuracy" in e] == [0, 6, 12]  # before, during, after
@@ -343,7 +345,7 @@ def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeat
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter").eval()
     rows = prepare_data(DataOptions(model_name_or_path=str(tiny_llama), data_name=str(repeated_batch),
                                    eval_split="train[:8]", text_template=TEMPLATE), tok).eval
-    hits = []
+    hits, gold, decoded = [], [], []
     for row in rows:
         start = next(i for i, lab in enumerate(row["labels"]) if lab != IGNORE)
         ids = row["input_ids"][:start]
@@ -351,13 +353,16 @@ def test_eval_accuracy_is_greedy_exact_match_before_and_after(tiny_llama, repeat
             with torch.no_grad():
                 ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
         hits.append(ids == row["input_ids"])
+        gold.append(row["input_ids"][start])
+        decoded.append(ids[start])  # the labels (positive, negative) differ in their first token
     assert results["eval_accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert results["eval_f1"] == pytest.approx(f1_score(gold, decoded, labels=sorted(set(gold)), average="macro"))
     assert results["eval_before"]["eval_accuracy"] < results["eval_accuracy"]
     assert results["eval_before"]["eval_loss"] > results["eval_loss"]
 
 
 def test_unknown_eval_metric_is_refused(tiny_llama, sentiment_file, tmp_path):
-    with pytest.raises(UsageError, match="unknown metric.*bleu; known: accuracy"):
+    with pytest.raises(UsageError, match="unknown metric.*bleu; known: accuracy, f1"):
         run(tiny_llama, sentiment_file, tmp_path / "out", eval_metrics=["bleu"])
 
 

@@ -48,10 +48,11 @@ def markers(svg: ET.Element, gid: str) -> list[tuple[float, float]]:
 def test_finetune_writes_the_report_into_the_published_folder(run_dir):
     page = (run_dir / "report.html").read_text()
     assert not run_dir.with_name(run_dir.name + ".partial").exists()
-    # loss, learning rate, throughput, memory, and task accuracy (the responses are labels)
+    # loss, learning rate, throughput, memory, and task metrics (the responses are labels)
     assert len(svgs(page)) == 5 and "Not enough logged points" not in page
     accuracy = [(e["step"], e["eval_accuracy"]) for e in events(run_dir) if "eval_accuracy" in e]
     assert len(accuracy) == 4 and len(markers(svgs(page)[4], "validation-accuracy")) == 4
+    assert len(markers(svgs(page)[4], "validation-f1")) == 4
     assert "<script" not in page and "<link" not in page and not re.search(r"(src|href)=\"?(https?:)?//", page)
 
 

@@ -33,7 +33,7 @@ PLOTS = (("Loss", "step", "loss", ("train loss", "validation loss")),
          ("Throughput", "seconds since the start of training", "tokens/s", ("tokens/s",)),
          ("Memory", "seconds since the start of training", "MB", ("resident memory", "GPU memory")))
 # drawn when the run has them: the task metric, and a preference stage's own curves (TRL's logs)
-EXTRA_PLOTS = (("Task accuracy", "step", "responses greedy decoding gets right", ("validation accuracy",)),
+EXTRA_PLOTS = (("Task metrics", "step", "share of validation responses", ("validation accuracy", "validation F1")),
                ("Reward margin", "step", "chosen - rejected reward", ("reward margin", "validation reward margin")),
                ("Reward accuracy", "step", "pairs ranked right", ("reward accuracy", "validation reward accuracy")),
                ("Log-probabilities", "step", "log p of the answer", ("chosen log-prob", "rejected log-prob")))
@@ -92,7 +92,7 @@ def curves(events: Iterable[dict]) -> dict[str, Series]:
         return sorted(found, key=lambda p: p[0])  # stable: points logged at one step keep their order
 
     return {"train loss": points("step", "loss"), "validation loss": points("step", "eval_loss"),
-            "validation accuracy": points("step", "eval_accuracy"),
+            "validation accuracy": points("step", "eval_accuracy"), "validation F1": points("step", "eval_f1"),
             "learning rate": points("step", "learning_rate"), "tokens/s": points("time_s", "tokens_per_second"),
             "resident memory": points("time_s", "rss_mb", "eval_rss_mb"),
             "GPU memory": points("time_s", "gpu_memory_mb", "eval_gpu_memory_mb"),

@@ -16,7 +16,7 @@ from slmops.options.fields import Dropout, Options, Positive, PositiveInt, Share
 from slmops.options.methods import METHODS
 from slmops.options.training_args import training_argument_names
 
-EVAL_METRICS = ("accuracy",)  # computed during training from the evaluation's logits
+EVAL_METRICS = ("accuracy", "f1")  # computed during training from the evaluation's logits
 # Built-in losses by name; anything else is FILE.py:ClassName, the user's torch.nn.Module.
 LOSSES = ("cross_entropy", "label_smoothing", "contrastive")
 TOKEN_LOSSES = ("cross_entropy", "label_smoothing")
@@ -135,8 +135,9 @@ class FinetuneOptions(DataOptions):
     early_stopping_patience: PositiveInt | None = option(
         None, "stop after this many evaluations without a better validation loss")
     eval_metrics: list[str] | None = option(None, "task metrics at each evaluation besides the loss: accuracy "
-                                                  "(responses greedy decoding gets exactly right; the default "
-                                                  "where the responses are labels; '' for none)")
+                                                  "(responses greedy decoding gets exactly right), f1 (macro, "
+                                                  "over the labels); default both where the responses are "
+                                                  "labels; '' for none")
     resume_from_checkpoint: str | None = option(None, "checkpoint folder, or 'auto' for the latest in this run")
     logging_dir: str | None = option(None, "TensorBoard folder (default OUTPUT/logs; with --report_to tensorboard)")
     training_args: dict[str, Any] = option({}, "Hugging Face TrainingArguments, passed through", cli=False)

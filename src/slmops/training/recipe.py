@@ -33,7 +33,7 @@ from slmops.models.threads import LoadWatch, choose_threads
 from slmops.models.tokenizers import load_tokenizer
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.training import forgetting
-from slmops.training.accuracy import compute_metrics, response_correct
+from slmops.training.accuracy import compute_metrics, response_outcomes
 from slmops.training.args import autocast_dtype, build_training_args, on_gpu
 from slmops.training.callbacks import (
     FollowLoad,
@@ -83,12 +83,12 @@ class FinetuneRecipe:
 
     # ---- set up -------------------------------------------------------------------------------------
     def _eval_metrics(self) -> list[str]:
-        """--eval_metrics, or by default accuracy where the responses are labels (a few distinct answers,
-        as `data check` finds them): every evaluation then says how often greedy decoding gets the label."""
+        """--eval_metrics, or by default accuracy and macro-F1 where the responses are labels (a few distinct
+        answers, as `data check` finds them): every evaluation then says how often greedy decoding gets the label."""
         opts = self.opts
         if opts.eval_metrics is not None or self.preference or opts.text_pair_field is not None:
             return list(opts.eval_metrics or ())
-        return ["accuracy"] if "label_counts" in self.data.stats.get("checks", {}) else []
+        return ["accuracy", "f1"] if "label_counts" in self.data.stats.get("checks", {}) else []
 
     def setup(self) -> None:
         opts = self.opts
@@ -150,7 +150,7 @@ class FinetuneRecipe:
                               compute_loss_func=causal_lm_loss if self.loss is None else None,
                               processing_class=self.tokenizer,
                               compute_metrics=compute_metrics if self.eval_metrics else None,
-                              preprocess_logits_for_metrics=response_correct if self.eval_metrics else None,
+                              preprocess_logits_for_metrics=response_outcomes if self.eval_metrics else None,
                               callbacks=callbacks)
         if trainer.args.fsdp and not self.gpu:
             shard_on_cpu(trainer)
