@@ -38,8 +38,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sst2_accuracy as scorer  # noqa: E402
-from step_timing import RECIPE, flops_per_row, markdown, profile_section, scale_section  # noqa: E402
+from step_timing import RECIPE, flops_per_row, profile_section, scale_section  # noqa: E402
 from step_timing import peaks as measure_peaks, resolve_model_and_precision  # noqa: E402
+from tables import markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = scorer.PROMPT + scorer.ANSWER

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import psutil
+from tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n{tone}<|im_end|>"
@@ -84,13 +85,10 @@ def main() -> None:
                          "curve": curve(out), "wall_s": round(wall, 1)})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     base = rows[0]["curve"]
-    print("| run | peak RSS per process (MB) | weights + grads + AdamW per process (MB) | loss vs 1 process "
-          "(max rel. diff) | wall (s) |\n|---|---|---|---|---|")
-    for r in rows:
-        diff = max(abs(a - b) / abs(b) for a, b in zip(r["curve"], base))
-        print(f"| {r['run']} | {' / '.join(map(str, r['peak_rss_mb_per_process']))} | {r['state_mb_per_process']} | "
-              f"{diff:.2e} | {r['wall_s']} |")
-
+    print(markdown([{"run": r["run"], "peak RSS per process (MB)": " / ".join(map(str, r["peak_rss_mb_per_process"])),
+                     "weights + grads + AdamW per process (MB)": r["state_mb_per_process"],
+                     "loss vs 1 process (max rel. diff)": f"{max(abs(a - b) / abs(b) for a, b in zip(r['curve'], base)):.2e}",
+                     "wall (s)": r["wall_s"]} for r in rows]))
 
 if __name__ == "__main__":
     main()

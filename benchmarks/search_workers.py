@@ -27,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from postgres import Postgres  # noqa: E402
+from tables import markdown  # noqa: E402
+
+from slmops.workflow.study import open_storage, slots  # noqa: E402
 
 TEMPLATE = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n{tone}<|im_end|>"
 
@@ -64,8 +67,6 @@ def running_on(url: str, pid: int) -> int:
 def study(url: str):
     import optuna
 
-    from slmops.workflow.study import open_storage
-
     storage = open_storage(url, 2, 10)
     while not optuna.get_all_study_summaries(storage):
         time.sleep(0.5)
@@ -86,13 +87,12 @@ def run(label: str, cfg: Path, url: str, workers: int, kill: bool, planned: int)
             raise SystemExit(f"{label}: a worker failed:\n{err[-3000:]}")
     wall = time.perf_counter() - started
     trials = study(url).trials
-    requeued = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
-    slots = [t for t in trials if not (t.state.name == "FAIL" and t.number in requeued)]
-    finished = [t for t in slots if t.state.name in ("COMPLETE", "PRUNED")]
+    planned_slots = slots(trials)  # a trial failed and queued again is its rerun's slot
+    finished = [t for t in planned_slots if t.state.name in ("COMPLETE", "PRUNED")]
     timed = [t for t in finished if t.user_attrs.get("seconds") is not None and t.datetime_complete]
     open_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in timed]
     return {"run": label, "wall_s": round(wall, 1), "trials": len(trials), "lost": planned - len(finished),
-            "duplicated": max(len(slots) - planned, 0), "retried": sum(1 for t in trials if t.system_attrs.get(
+            "duplicated": max(len(planned_slots) - planned, 0), "retried": sum(1 for t in trials if t.system_attrs.get(
                 "failed_trial") is not None),
             "trial_s": round(sum(t.user_attrs["seconds"] for t in timed) / max(len(timed), 1), 1),
             "db_s_per_trial": round(sum(o - t.user_attrs["seconds"] for o, t in zip(open_s, timed))
@@ -128,10 +128,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.remove()
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

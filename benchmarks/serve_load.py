@@ -42,6 +42,7 @@ import urllib.request
 
 import psutil
 from openai import APIError, AsyncOpenAI
+from tables import markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -284,10 +285,7 @@ def main() -> None:
                     row["peak RSS GB"] = round(server.peak / 2**30, 2)
     if not rows:
         return
-    keys = list(rows[0])
-    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    print("\n" + markdown(rows))
 
 
 if __name__ == "__main__":

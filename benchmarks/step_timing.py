@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sst2_accuracy as scorer  # noqa: E402
+from tables import markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RECIPE = dict(r=16, alpha=32, dropout=0.05, batch=16, lr=2e-4)
@@ -148,13 +149,6 @@ def scale_section(model_path: str, precision: str) -> list[dict]:
                           "tokens/s": round(2048 / seconds, 1)})
             print(table[-1], flush=True)
     return table
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # operator kinds of the profile: matmuls by their operands' shapes, the rest by name

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from sst2_accuracy import accuracy, load
+from tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n{tone}<|im_end|>"
@@ -58,11 +59,9 @@ def main() -> None:
             results = json.loads((out / "manifest.json").read_text())["results"]
             rows.append((name, n, lr, epochs, rank, round(seconds, 1), results["timing"]["training"], score))
             print(json.dumps(rows[-1]), flush=True)
-    print("| recipe | rows | learning rate | epochs | rank | whole process (s) | training (s) | dev accuracy |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for name, n, lr, epochs, rank, seconds, training, score in rows:
-        print(f"| {name} | {n} | {lr:g} | {epochs} | {rank} | {seconds} | {training} | {100 * score:.2f}% |")
-
+    print(markdown([{"recipe": name, "rows": n, "learning rate": f"{lr:g}", "epochs": epochs, "rank": rank,
+                     "whole process (s)": seconds, "training (s)": training, "dev accuracy": f"{100 * score:.2f}%"}
+                    for name, n, lr, epochs, rank, seconds, training, score in rows]))
 
 if __name__ == "__main__":
     main()
