@@ -198,7 +198,7 @@ def render(manifest: dict, events: list[dict], benchmark: dict | None = None) ->
         f"<h2>Warnings</h2>{warn}", "<h2>Curves</h2><div class=plots>",
         *(_plot(title, x, y, {n: series[n] for n in names}) for title, x, y, names in PLOTS + tuple(
             p for p in EXTRA_PLOTS if any(series[n] for n in p[3]))), "</div>",
-        "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, (manifest.get("resolved") or {}).get("eval_metrics") or options.get("eval_metrics") or []),
+        "<h2>Validation metrics: before &rarr; after training</h2>", _before_after(results, resolved.get("eval_metrics") or options.get("eval_metrics") or []),
         *(_benchmark(benchmark) if benchmark else ()),
         "<h2>Results</h2>", _table(_flat({k: v for k, v in results.items() if k != "eval_before"})),
         "<h2>Data</h2>", _data(manifest.get("data") or {}),

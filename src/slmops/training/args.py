@@ -104,9 +104,9 @@ def build_training_args(cfg: FinetuneOptions, checkpoint_dir: Path, amp: torch.d
     if "bf16" not in user and "fp16" not in user:
         args["bf16"] = amp == torch.bfloat16
         args["fp16"] = amp == torch.float16 and on_gpu(cfg)
-    if cfg.early_stopping_patience and "eval_steps" not in user:
-        args["eval_steps"] = args["save_steps"]
     if cfg.early_stopping_patience:
+        if "eval_steps" not in user:
+            args["eval_steps"] = args["save_steps"]
         args.setdefault("metric_for_best_model", "eval_loss")
         args.setdefault("load_best_model_at_end", True)
         args["save_strategy"] = args["eval_strategy"]

@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,7 @@ def search(step: Step, wf: Workflow) -> ModelRef:
 
     strategy, space = wf.search, wf.space
     step.out.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
-                           strategy.heartbeat_interval, strategy.grace_period)
+    storage = _storage(step, wf)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failing trial's error reaches the user as ours
     study = optuna.create_study(
         study_name=study_name(step, wf), storage=storage, load_if_exists=True,
@@ -96,6 +96,13 @@ def search(step: Step, wf: Workflow) -> ModelRef:
     deadline = None if strategy.max_time is None else time.monotonic() + strategy.max_time
     work(study, storage, _planned(strategy, space), objective, show, deadline, strategy.heartbeat_interval)
     return _finish(study, step, metric, columns)
+
+
+def _storage(step: Step, wf: Workflow) -> Any:
+    """The study's database: search_strategy.storage, else a SQLite file in the pass folder."""
+    strategy = wf.search
+    return open_storage(strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
+                        strategy.heartbeat_interval, strategy.grace_period)
 
 
 def study_name(step: Step, wf: Workflow) -> str:
@@ -169,20 +176,18 @@ def status(step: Step, wf: Workflow) -> str:
     strategy = wf.search
     if strategy.storage is None and not (step.out / "study.db").is_file():
         return f"no study yet: {step.out / 'study.db'} does not exist (start `slmops search`, or pass --storage)"
-    storage = open_storage(strategy.storage or f"sqlite:///{(step.out / 'study.db').resolve()}",
-                           strategy.heartbeat_interval, strategy.grace_period)
+    storage = _storage(step, wf)
     name = study_name(step, wf)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return f"no study named {name} in the database yet (start `slmops search`)"
     metric, trials = _metric(wf), study.get_trials(deepcopy=False)
-    counts: dict[str, int] = {}
-    for t in slots(trials):
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    counts = Counter(t.state.name.lower() for t in slots(trials))
     retried = sum(1 for t in trials if t.system_attrs.get("failed_trial") is not None)
-    lines = [f"study {name}: {_planned(strategy, wf.space)} planned; " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-             + f"; {retried} run again (worker lost or interrupted)",
+    states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines = [f"study {name}: {_planned(strategy, wf.space)} planned; {states}; {retried} run again (worker lost "
+             f"or interrupted)",
              _ranked([_record(t, metric) for t in trials], metric, list(wf.space), study.direction.name.lower(),
                      extra=["worker"])]
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
