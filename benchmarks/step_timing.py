@@ -238,8 +238,8 @@ def resolve_model_and_precision(model: str | None, precision: str) -> tuple[str,
         from slmops.models.loading import resolve
         model = resolve("smollm2-135m-instruct")
     if precision == "auto":
-        from slmops.training.args import cpu_supports_bf16
-        precision = "bfloat16" if cpu_supports_bf16() or torch.cuda.is_available() else "float32"
+        from slmops.artifacts.machine import native_bf16
+        precision = "bfloat16" if native_bf16() or torch.cuda.is_available() else "float32"
     return model, precision
 
 

@@ -48,6 +48,30 @@ def test_the_manifest_says_how_many_threads_and_why(tiny_llama, sentiment_file, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resolved"]["cpu_threads"] == {"threads": 1, "why": "--num_threads", "cap": None}
     assert manifest["hardware"]["torch_threads"] == 1
+    # and which precision ran, why, and the instruction sets that decided it
+    from slmops.artifacts.machine import cpu_features, native_bf16
+    assert manifest["hardware"]["cpu"] == json.loads(json.dumps(cpu_features()))
+    expected = "bfloat16" if native_bf16() else "float32"
+    assert manifest["resolved"]["autocast_dtype"] == expected and manifest["resolved"]["autocast_why"]
+
+
+@pytest.mark.parametrize("instructions, dtype, why", [
+    (["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"], torch.bfloat16, "AMX"),
+    (["avx2", "avx512f", "avx512_bf16"], torch.bfloat16, "AVX-512-BF16"),
+    (["avx2"], torch.float32, "emulated"),
+])
+def test_the_precision_follows_the_cpus_instruction_sets(instructions, dtype, why, monkeypatch):
+    from slmops.artifacts import machine
+    from slmops.options.finetune_options import FinetuneOptions
+    from slmops.training import args
+
+    monkeypatch.setattr(machine, "cpu_features", lambda: {"model": "x", "instructions": instructions})
+    monkeypatch.setattr(args, "on_gpu", lambda cfg: False)
+    opts = FinetuneOptions.build(model_name_or_path="m", text_field="text", output_path="o")
+    chosen, reason = args.autocast_dtype(opts)
+    assert chosen == dtype and why in reason
+    asked = FinetuneOptions.build(model_name_or_path="m", text_field="text", output_path="o", torch_dtype="float32")
+    assert args.autocast_dtype(asked) == (torch.float32, "--torch_dtype float32")
 
 
 class Neighbour:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from slmops.artifacts.folders import write_json
+from slmops.artifacts.machine import cpu_features
 
 PACKAGES = ("slmops", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "bitsandbytes",
             "onnx", "onnxruntime", "onnxruntime-genai")
@@ -38,7 +39,7 @@ def peak_memory_mb() -> dict[str, float]:
 
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(), "cpu": cpu_features()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
+from slmops.artifacts.machine import bf16_kernels, native_bf16
 from slmops.errors import UsageError, first_line
 from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.methods import METHODS
@@ -19,40 +19,31 @@ from slmops.training.sharding import sharding_args
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=1)
-def cpu_supports_bf16() -> bool:
-    """Native BF16 matmuls (AVX-512-BF16 or AMX); without them bf16 on CPU is emulated and ~100x slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(cfg: FinetuneOptions) -> torch.dtype:
-    """The mixed-precision dtype this run uses: the user's choice, else the fastest exact-enough one."""
-    dtype = _choose_dtype(cfg)
-    if dtype == torch.bfloat16 and not on_gpu(cfg) and not cpu_supports_bf16():
+def autocast_dtype(cfg: FinetuneOptions) -> tuple[torch.dtype, str]:
+    """The mixed-precision dtype this run uses, and why (for the manifest): the user's choice, else the
+    fastest exact-enough one on this device."""
+    dtype, why = _choose_dtype(cfg)
+    if dtype == torch.bfloat16 and not on_gpu(cfg) and not native_bf16():
         log.warning("bf16 on a CPU without native BF16 (no avx512_bf16/amx_bf16) is emulated: expect steps "
                     "~100x slower than fp32; drop --bf16/--torch_dtype bfloat16")
-    return dtype
+    return dtype, why
 
 
-def _choose_dtype(cfg: FinetuneOptions) -> torch.dtype:
+def _choose_dtype(cfg: FinetuneOptions) -> tuple[torch.dtype, str]:
     ta = cfg.training_args
-    if ta.get("bf16"):
-        return torch.bfloat16
-    if ta.get("fp16"):
-        return torch.float16
+    for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ta.get(flag):
+            return dtype, f"--{flag}"
     explicit = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if cfg.torch_dtype in explicit:
-        return explicit[cfg.torch_dtype]
+        return explicit[cfg.torch_dtype], f"--torch_dtype {cfg.torch_dtype}"
     if "bf16" in ta or "fp16" in ta:  # given, and off
-        return torch.float32
+        return torch.float32, "--bf16/--fp16 off"
     if on_gpu(cfg):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        return (torch.bfloat16, "GPU with bf16") if torch.cuda.is_bf16_supported() else (torch.float16, "GPU without bf16")
+    if native_bf16():
+        return torch.bfloat16, f"CPU with native bf16: {bf16_kernels()}"
+    return torch.float32, "CPU without native bf16 (no avx512_bf16/amx_bf16): bf16 would be emulated"
 
 
 def on_gpu(cfg: FinetuneOptions) -> bool:

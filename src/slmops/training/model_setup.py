@@ -19,6 +19,7 @@ from slmops.options.finetune_options import FinetuneOptions
 from slmops.options.methods import METHODS
 from slmops.training.speed.attention import use_segmented_attention
 from slmops.training.speed.fast_lora import use_fast_lora
+from slmops.training.speed.norms import use_fused_norms
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ def load_base(opts: FinetuneOptions, model_path: str, amp: torch.dtype, checkpoi
 
 def attach_method(model: nn.Module, opts: FinetuneOptions, encoder: bool, gpu: bool) -> tuple[nn.Module, list[str]]:
     """The method's adapter on `model` (none for full fine-tuning), with row-by-row attention for packed
-    CPU batches and the fused LoRA layers; returns the model and the layers adapted."""
+    CPU batches, the fused norms and LoRA layers; returns the model and the layers adapted."""
     # measured on CPU; GPUs run masked attention over a packed row well. Pairs are padded, never packed, and
     # so are a preference stage's batches (TRL's own collators), whose reference is a second adapter.
     own_batches = opts.stage == "sft"
     if opts.packing and not opts.text_pair_field and not gpu and own_batches:
         use_segmented_attention(model)
+    if not gpu:
+        use_fused_norms(model)
     method = METHODS[opts.method]
     targets = opts.target_modules or linear_module_names(model)
     if method.build is None:

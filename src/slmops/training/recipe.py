@@ -111,7 +111,7 @@ class FinetuneRecipe:
             else:
                 self.data = prepare_pairs(opts, self.tokenizer) if pairs else prepare_data(opts, self.tokenizer)
         self.eval_metrics = self._eval_metrics()
-        self.amp = autocast_dtype(opts)
+        self.amp, self.amp_why = autocast_dtype(opts)
         config, stage = stage_config(opts.stage, opts.beta, opts.max_seq_len) if self.preference else \
             (TrainingArguments, {})
         self.args = build_training_args(opts, self.work / "checkpoints", self.amp, config, **stage)
@@ -229,7 +229,7 @@ class FinetuneRecipe:
         write_manifest(work / "manifest.json", "finetune", opts.model_dump(), {
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
             "share_prefix": self.batching.shared_prefix, "loss": self.loss_record,
-            "autocast_dtype": str(self.amp).removeprefix("torch."), "device": str(self.args.device),
+            "autocast_dtype": str(self.amp).removeprefix("torch."), "autocast_why": self.amp_why, "device": str(self.args.device),
             "world_size": self.args.world_size, "cpu_threads": self.threads, "eval_metrics": self.eval_metrics,
             "training_args": {k: v for k, v in self.args.to_dict().items() if not k.startswith(("hub_", "push_"))},
         }, self.data.stats, results)
