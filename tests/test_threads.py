@@ -39,6 +39,21 @@ def test_num_threads_and_omp_num_threads_win(two_cores, monkeypatch):
     assert threads.choose_threads(None) == {"threads": 1, "why": "every core free", "cap": 1}
 
 
+def test_exported_models_compute_on_the_free_cores_unless_their_config_says(two_cores):
+    from slmops.models.genai import genai_overlay
+
+    def threads_of(overlay: dict) -> int:
+        return overlay["model"]["decoder"]["session_options"]["intra_op_num_threads"]
+
+    two_cores([3.0, 4.0])
+    assert threads_of(genai_overlay({"model": {"decoder": {"session_options": {}}}}, {})) == 2
+    two_cores([99.0, 4.0])
+    overlay = genai_overlay({"model": {"decoder": {}}}, {"static_batching": {"max_batch_size": 4}})
+    assert threads_of(overlay) == 1 and overlay["engine"] == {"static_batching": {"max_batch_size": 4}}
+    named = {"model": {"decoder": {"session_options": {"intra_op_num_threads": 3}}}}
+    assert genai_overlay(named, {}) == {}  # a count the folder names stands
+
+
 def test_the_manifest_says_how_many_threads_and_why(tiny_llama, sentiment_file, tmp_path, two_cores):
     from conftest import TEMPLATE
     from slmops import finetune

@@ -1,4 +1,5 @@
-"""How many CPU threads a run computes with: the cores free now, not the cores the machine has.
+"""How many CPU threads a run computes with (torch's, and ONNX Runtime's for exported models): the cores
+free now, not the cores the machine has.
 
 PyTorch starts one thread per core. When another process keeps a core busy, each of its parallel
 operations waits at a barrier for the thread that shares that core, and training slows by an order of
@@ -33,18 +34,22 @@ def free_cores(sample_seconds: float = 0.2) -> tuple[int, int]:
     return max(1, free), len(cores)
 
 
-def choose_threads(requested: int | None) -> dict[str, Any]:
-    """Set torch's thread count (`requested`, else the free cores) and say why, for the manifest; `cap`:
+def free_threads(requested: int | None = None) -> dict[str, Any]:
+    """How many threads to compute with (`requested`, else the free cores) and why, for the manifest; `cap`:
     the most a later re-check may take (None when the user fixed the count)."""
     if requested:
-        torch.set_num_threads(requested)
         return {"threads": requested, "why": "--num_threads", "cap": None}
     free, cores = free_cores()
     cap = int(os.environ.get("OMP_NUM_THREADS") or cores)  # a cap the user set stands
-    threads = min(free, cap)
-    torch.set_num_threads(threads)
     why = "every core free" if free == cores else f"{cores - free} of {cores} cores busy with other work"
-    return {"threads": threads, "why": why, "cap": cap}
+    return {"threads": min(free, cap), "why": why, "cap": cap}
+
+
+def choose_threads(requested: int | None) -> dict[str, Any]:
+    """`free_threads`, set as torch's thread count."""
+    chosen = free_threads(requested)
+    torch.set_num_threads(chosen["threads"])
+    return chosen
 
 
 class LoadWatch:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from slmops.errors import UsageError, first_line
-from slmops.models.genai import ADAPTER_SUFFIX, GENAI_CONFIG, adapter_files
+from slmops.errors import first_line
+from slmops.models.genai import ADAPTER_SUFFIX, GENAI_CONFIG, adapter_files, load_genai
 from slmops.models.tokenizers import load_tokenizer
 from slmops.serving.jobs import BASE, Job, Worker
 from slmops.serving.pool import AdapterError, Pool
@@ -34,13 +34,7 @@ class GenaiPool(Pool):
 
         self.og, self.folder = og, Path(folder).expanduser()
         config = json.loads((self.folder / GENAI_CONFIG).read_text())
-        try:
-            overlay = og.Config(str(self.folder))
-            overlay.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": max_batch}}}))
-            self.model = og.Model(overlay)
-        except RuntimeError as err:
-            raise UsageError(f"onnxruntime_genai cannot load {folder} ({first_line(err)[:200]}); re-export it with "
-                             f"`slmops auto-opt`") from None
+        self.model = load_genai(self.folder, static_batching={"max_batch_size": max_batch})
         eos = config["model"].get("eos_token_id")
         super().__init__(served_name or folder, load_tokenizer(str(self.folder)),
                          set(eos if isinstance(eos, list) else [eos] if eos is not None else []),
