@@ -88,6 +88,26 @@ def test_parity_prompts_come_from_the_adapters_training_data(tiny_llama, tmp_pat
     assert tok.decode(items[0].text[items[0].response_start:]).strip() in ("positive", "negative")
 
 
+def test_parity_scores_the_datas_own_answers(tiny_llama, tmp_path):
+    """Probes from a run's data carry its answers: how often each model's greedy answer is that answer."""
+    out = tmp_path / "onnx"
+    assert main(["auto-opt", "-m", str(tiny_llama), "--precision", "fp32", "-o", str(out),
+                 "--parity_prompts", "2"]) == 0
+    model, tok = load_model(str(tiny_llama), torch.float32).eval(), load_tokenizer(str(tiny_llama))
+    probes = []
+    for prompt in PROMPTS[:2]:
+        ids = tok(prompt)["input_ids"]
+        answer = torch_greedy(tiny_llama, None, ids, 3)
+        wrong = [(answer[0] + 1) % len(tok)] + answer[1:]
+        probes += [parity.Probe(ids, ids + answer, gold=True), parity.Probe(ids, ids + wrong, gold=True)]
+    task = parity.check(model, tok, GenaiModel(out), "fp32", probes, "test")["task"]
+    assert task["rows"] == 4
+    assert task["response_match_pytorch"] == task["response_match_onnx"] == 0.5  # the model's answers, not the others
+    assert task["response_perplexity_onnx"] == pytest.approx(task["response_perplexity_pytorch"], rel=1e-3)
+    # a text's continuation is no task: the built-in prompts score none
+    assert "task" not in parity.check(model, tok, GenaiModel(out), "fp32", parity.probes(tok, None, 2)[0], "b")
+
+
 def test_generate_adapter_switches_adapters_per_request(tiny_llama, adapters, tmp_path):
     out = tmp_path / "multi"
     assert main(["generate-adapter", "--base_model_path", str(tiny_llama), "--adapter_paths",

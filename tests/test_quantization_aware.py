@@ -59,6 +59,8 @@ def test_aware_adapter_exports_beside_an_int4_base(tiny_llama, sentiment_file, t
     report = json.loads((out / "parity.json").read_text())
     # the reference is the weights the adapter trained on, which the export holds: float-level agreement
     assert report["passed"] and report["top1_agreement"] >= 0.99
+    # the run's own data is known: its answers are scored through both models
+    assert report["task"]["rows"] == 4 and 0 <= report["task"]["response_match_onnx"] <= 1
 
 
 def test_aware_training_refuses_merge_and_full(tiny_llama, sentiment_file, tmp_path, capsys):

@@ -42,6 +42,7 @@ WINDOW = 256
 class Probe:
     prompt: list[int]   # the prompt's token ids (greedy decoding starts here)
     text: list[int]     # prompt plus response
+    gold: bool = False  # the response is the data's own answer (a task to score), not a text's continuation
 
     @property
     def response_start(self) -> int:
@@ -76,7 +77,7 @@ def _data_probes(tokenizer: Any, manifest: dict, n: int) -> list[Probe]:
     for row in rows.select(range(0, min(len(rows), step * n), step)):
         text, spans = formatter(row)
         prompt = text[: spans[0][0]] if spans and spans[0][0] > 0 else text[: len(text) // 2]
-        out.append(Probe(_ids(tokenizer, prompt), _ids(tokenizer, text)))
+        out.append(Probe(_ids(tokenizer, prompt), _ids(tokenizer, text), gold=bool(spans)))
     return out
 
 
@@ -126,12 +127,36 @@ def _stop_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
+def _task(probe: Probe, ref: np.ndarray, got: np.ndarray, want: list[int], answer: list[int],
+          eos: set[int]) -> tuple[int, int, float, float, int]:
+    """One gold probe's task scores: whether each model's greedy answer is the data's response (its first
+    `GREEDY_TOKENS` tokens: for a label task, accuracy), and both models' NLL of the response's tokens."""
+    start = max(probe.response_start, 1)
+    gold = _stop_at_eos(probe.text[start:], eos)[:GREEDY_TOKENS]
+    span = probe.text[start - 1: start + len(gold)]
+    return (int(want[: len(gold)] == gold), int(answer[: len(gold)] == gold),
+            _nll(ref[start - 1: start + len(gold)], span), _nll(got[start - 1: start + len(gold)], span), len(gold))
+
+
+def _task_result(scores: list[tuple[int, int, float, float, int]]) -> dict:
+    if not scores:
+        return {}
+    right_ref, right_got, nll_ref, nll_got, tokens = (sum(column) for column in zip(*scores))
+    return {"task": {"rows": len(scores), "response_match_pytorch": round(right_ref / len(scores), 4),
+                     "response_match_onnx": round(right_got / len(scores), 4),
+                     "response_perplexity_pytorch": round(math.exp(nll_ref / max(tokens, 1)), 4),
+                     "response_perplexity_onnx": round(math.exp(nll_got / max(tokens, 1)), 4)}}
+
+
 def check(model: Any, tokenizer: Any, onnx: GenaiModel, precision: str, items: list[Probe], source: str,
           adapter: str | None = None) -> dict:
-    """Compare `model` (PyTorch) and `onnx` on the probes and a held-out text; the verdict is in ["passed"]."""
+    """Compare `model` (PyTorch) and `onnx` on the probes and a held-out text; the verdict is in ["passed"].
+    Probes from the run's own data also score the task: how often each model's greedy answer is the data's
+    response (accuracy, for labels) and the response's perplexity under each (recorded, not gated)."""
     agree = total = agree_all = total_all = 0
     max_diff = 0.0
     greedy_equal = 0
+    task = []
     eos_ids = model.generation_config.eos_token_id
     eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
     for probe in items:
@@ -142,7 +167,10 @@ def check(model: Any, tokenizer: Any, onnx: GenaiModel, precision: str, items: l
         agree_all, total_all = agree_all + int(same.sum()), total_all + len(same)
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
         want = _stop_at_eos(_torch_greedy(model, probe.prompt, next(iter(eos), None)), eos)
-        greedy_equal += int(want == _stop_at_eos(onnx.generate(probe.prompt, GREEDY_TOKENS, adapter), eos))
+        answer = _stop_at_eos(onnx.generate(probe.prompt, GREEDY_TOKENS, adapter), eos)
+        greedy_equal += int(want == answer)
+        if probe.gold and probe.response_start < len(probe.text):
+            task.append(_task(probe, ref, got, want, answer, eos))
     nll_ref = nll_got = 0.0
     count = 0
     for window in _held_out(tokenizer, model):
@@ -164,6 +192,7 @@ def check(model: Any, tokenizer: Any, onnx: GenaiModel, precision: str, items: l
         "perplexity_pytorch": round(ppl_ref, 4),
         "perplexity_onnx": round(ppl_got, 4),
         "perplexity_ratio": round(ppl_got / ppl_ref, 4),
+        **_task_result(task),
         "thresholds": limits,
     }
     result["passed"] = (result["top1_agreement"] >= limits["top1_agreement"]
@@ -179,7 +208,9 @@ def verdict(result: dict) -> str:
     return (f"parity {status}{who} {result['precision']} top-1 agreement {result['top1_agreement']:.1%} "
             f"(min {limits['top1_agreement']:.0%}), perplexity {result['perplexity_pytorch']:.2f} -> "
             f"{result['perplexity_onnx']:.2f} (x{result['perplexity_ratio']:.3f}, max x{limits['perplexity_ratio']}), "
-            f"greedy outputs equal {result['greedy_equal']}, max |logit diff| {result['max_abs_logit_diff']:.3g}")
+            f"greedy outputs equal {result['greedy_equal']}, max |logit diff| {result['max_abs_logit_diff']:.3g}"
+            + (f"; the data's own answers {task['response_match_pytorch']:.0%} -> {task['response_match_onnx']:.0%} "
+               f"of {task['rows']} rows" if (task := result.get("task")) else ""))
 
 
 def write(folder: Path, results: list[dict]) -> None:
