@@ -1,11 +1,11 @@
-"""RMSNorm as one autograd function on CPU: the same forward, a backward of four passes instead of ten.
+"""RMSNorm as one autograd function on CPU: the same forward, a closed-form backward, less kept for it.
 
 transformers' RMSNorm (Llama, Qwen, Mistral, SmolLM and most decoders since) is five operators in fp32
-(cast, square, mean, rsqrt, scale) and a bf16 scale by the weight; autograd records each and runs
-their backward one by one, keeping an fp32 copy of the input. A model has two per layer and one at
-the end: on SmolLM2-135M at 16 rows a step (bf16, 2 cores with AMX) the norms' backward alone took
-~1.3 ms each, ~14% of the step. The fused function keeps only the input and each row's 1/rms, and
-computes the input gradient in closed form: dx = rstd * (gw - x_hat * mean(gw * x_hat)), gw = g * w.
+(cast, square, mean, rsqrt, scale) and a bf16 scale by the weight; autograd records each, runs their
+backward one by one, and keeps an fp32 copy of the input. The fused function keeps only the input and
+each row's 1/rms, and computes the input gradient in closed form: dx = rstd * (gw - x_hat * mean(gw *
+x_hat)), gw = g * w. Measured on SmolLM2-135M's norms at a 16-row batch (bf16, 2 cores with AMX): 0.69
+against 0.90 ms forward and backward, and 0.4 GB less peak memory at 8,192 tokens a step.
 
 It replaces a norm class only after computing its forward both ways on this very model and seeing
 the same numbers bit for bit (Gemma's `1 + weight`, or any other variation, fails and keeps its own).
