@@ -28,14 +28,15 @@ def adapter_files(folder: Path) -> dict[str, Path]:
     return {p.name.removesuffix(ADAPTER_SUFFIX): p for p in sorted((folder / "adapters").glob(f"*{ADAPTER_SUFFIX}"))}
 
 
-def load_genai(folder: Path, **engine: Any) -> Any:
-    """An `onnxruntime_genai.Model` of an exported folder, computing on the free cores (`free_threads`) unless
-    its genai_config.json names a thread count: left to itself, onnxruntime-genai ran the model on one
-    thread of two (SmolLM2-135M int4 on 2 cores: a 21-token prefill 75 ms against 43 ms on two threads,
-    a decode step 13.8 ms against 8.7). `engine`: onnxruntime-genai's engine settings, as serving sets them."""
+def load_genai(folder: Path, config: dict[str, Any], **engine: Any) -> Any:
+    """An `onnxruntime_genai.Model` of an exported folder (`config`: its genai_config.json, read by the
+    caller), computing on the free cores (`free_threads`) unless that config names a thread count: left to
+    itself, onnxruntime-genai ran the model on one thread of two (SmolLM2-135M int4 on 2 cores: a 21-token
+    prefill 75 ms against 43 ms on two threads, a decode step 13.8 ms against 8.7). `engine`:
+    onnxruntime-genai's engine settings, as serving sets them."""
     import onnxruntime_genai as og
 
-    overlay = genai_overlay(json.loads((folder / GENAI_CONFIG).read_text()), engine)
+    overlay = genai_overlay(config, engine)
     try:
         settings = og.Config(str(folder))
         if overlay:
@@ -67,8 +68,9 @@ class GenaiModel:
             raise UsageError(f"{folder} is not an ONNX Runtime GenAI folder ({hint}); export one with "
                              f"`slmops auto-opt --use_ort_genai`")
         self._og = og
-        self.model = load_genai(self.folder)
-        self.context = json.loads((self.folder / GENAI_CONFIG).read_text())["model"]["context_length"]
+        config = json.loads((self.folder / GENAI_CONFIG).read_text())
+        self.model = load_genai(self.folder, config)
+        self.context = config["model"]["context_length"]
         self.adapter_paths = adapter_files(self.folder)
         self._adapters = None
 

@@ -34,7 +34,7 @@ class GenaiPool(Pool):
 
         self.og, self.folder = og, Path(folder).expanduser()
         config = json.loads((self.folder / GENAI_CONFIG).read_text())
-        self.model = load_genai(self.folder, static_batching={"max_batch_size": max_batch})
+        self.model = load_genai(self.folder, config, static_batching={"max_batch_size": max_batch})
         eos = config["model"].get("eos_token_id")
         super().__init__(served_name or folder, load_tokenizer(str(self.folder)),
                          set(eos if isinstance(eos, list) else [eos] if eos is not None else []),
