@@ -37,17 +37,18 @@ def finetune(args: argparse.Namespace, name: str, *extra: str) -> dict:
 
 
 def plain(args: argparse.Namespace, name: str) -> dict:
-    """The plain recipe on the same rows, in bf16 where slmops trains in bf16 (as finetune_speed.py runs it)."""
+    """The plain recipe on the same rows, run as finetune_speed.py runs it (bf16 where slmops trains in bf16)."""
+    from finetune_speed import run_plain
     from step_timing import resolve_model_and_precision
 
-    model, precision = resolve_model_and_precision(None if args.model == "smollm2-135m-instruct" else args.model,
-                                                   "auto")
+    from slmops.models.loading import resolve
+
+    model, precision = resolve_model_and_precision(resolve(args.model), "auto")
     out = Path(args.work) / name
     shutil.rmtree(out, ignore_errors=True)
+    cmd, _, _ = run_plain(argparse.Namespace(model=model, data=args.data, rows=args.rows, precision=precision), out, 42)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(HERE / "plain_recipe.py"), "--model", model, "--data", args.data,
-                           "--rows", str(args.rows), "--out", str(out), *(["--bf16"] if precision == "bfloat16" else [])],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {"run": name, "threads": {"threads": "torch's default", "why": "one per core"},
             "training_s": result["train_runtime_s"], "tokens_per_second": result["tokens_per_second"],
