@@ -25,10 +25,12 @@ PROMPT = "<|im_start|>user\nWrite a long story about a dragon who learns to cook
 ONNX = {  # system -> (command, precision, extra flags)
     "onnx fp32 merged": ("auto-opt", "fp32", []),
     "onnx int8 merged": ("auto-opt", "int8", []),
-    "onnx int4 merged": ("auto-opt", "int4", []),  # k-quant, the int4 default
+    "onnx int4 merged": ("auto-opt", "int4", []),  # the default: AutoRound on the run's own rows
     "onnx int4 rtn merged": ("quantize", "int4", ["--algorithm", "rtn"]),
-    "onnx int4 k_quant block16 merged": ("quantize", "int4", ["--block_size", "16"]),
-    "onnx int4 k_quant int8-mixed merged": ("quantize", "int4", ["--int8_layers", "last_matmul,mixed_layers"]),
+    "onnx int4 k_quant merged": ("quantize", "int4", ["--algorithm", "k_quant"]),
+    "onnx int4 k_quant block16 merged": ("quantize", "int4", ["--algorithm", "k_quant", "--block_size", "16"]),
+    "onnx int4 k_quant int8-mixed merged": ("quantize", "int4", ["--algorithm", "k_quant", "--int8_layers",
+                                                                 "last_matmul,mixed_layers"]),
     "onnx fp32 multi-adapter": ("generate-adapter", "fp32", []),
     "onnx int4 multi-adapter": ("generate-adapter", "int4", []),
     # the fallback exporter for architectures the builder lacks, here forced on one it knows

@@ -250,3 +250,68 @@ def test_wrong_quantize_settings_are_refused(flags, message, tiny_llama, tmp_pat
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_autoround_calibrates_on_the_users_rows(tiny_llama, sentiment_file, tmp_path):
+    """AutoRound tunes the int4 rounding on the given rows; the builder packs it; the logits stay close."""
+    out = tmp_path / "autoround"
+    assert main(["quantize", "-m", str(tiny_llama), "--algorithm", "autoround", "-d", str(sentiment_file),
+                 "--text_template", TEMPLATE, "--max_samples", "32", "--block_size", "16", "-o", str(out),
+                 "--parity_prompts", "4"]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["top1_agreement"] >= 0.75 and report["perplexity_ratio"] <= 1.1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["algorithm"] == manifest["resolved"]["algorithm"] == "autoround"
+    calibration = manifest["resolved"]["calibration"]
+    assert calibration["rows"] == 32 and calibration["sequences"] >= 1
+    assert calibration["tokens"] >= calibration["sequences"] * calibration["sequence_length"]
+    import onnx
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    quantized = {n.name for n in graph.node if n.op_type == "MatMulNBits"}
+    assert any("qkv_proj" in n or "q_proj" in n for n in quantized) and any("down_proj" in n for n in quantized)
+    assert main(["quantize", "-m", str(tiny_llama), "--algorithm", "rtn", "--block_size", "16",
+                 "-o", str(tmp_path / "rtn"), "--parity_prompts", "1"]) == 0
+    assert (out / "model.onnx.data").read_bytes() != (tmp_path / "rtn" / "model.onnx.data").read_bytes()
+
+
+def test_auto_calibrates_on_the_runs_own_rows(tiny_llama, tmp_path):
+    """A finetune output folder names its data: `quantize` with no algorithm given runs AutoRound on it."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
+    run = tmp_path / "run"
+    assert main(["finetune", "-m", str(tiny_llama), "-d", str(data), "--text_template", TEMPLATE, "--lora_r", "4",
+                 "--max_steps", "2", "-o", str(run)]) == 0
+    out = tmp_path / "int4"
+    assert main(["quantize", "-m", str(run), "--block_size", "16", "--max_samples", "16", "-o", str(out),
+                 "--parity_prompts", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["algorithm"] == "auto" and manifest["resolved"]["algorithm"] == "autoround"
+    assert manifest["resolved"]["calibration"]["rows"] == 16
+    data.unlink()  # the run's rows moved away: auto falls back to k-quant rather than failing
+    assert main(["quantize", "-m", str(run), "--block_size", "16", "-o", str(tmp_path / "kq"),
+                 "--parity_prompts", "2"]) == 0
+    assert json.loads((tmp_path / "kq" / "manifest.json").read_text())["resolved"]["algorithm"] == "k_quant"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algorithm", "autoround"], "--algorithm autoround calibrates on rows of data: pass --data_name"),
+    (["--algorithm", "autoround", "--precision", "int8"], "--algorithm autoround makes int4 weights"),
+    (["--algorithm", "k_quant", "-d", "rows.jsonl"], "which --algorithm k_quant does not read"),
+    (["--algorithm", "autoround", "-d", "rows.jsonl"], "say how to turn a calibration row into text"),
+    (["--algorithm", "autoround", "-d", "missing.jsonl", "--text_template", TEMPLATE], "missing.jsonl"),
+    (["--algorithm", "autoround", "-d", "empty.jsonl", "--text_template", TEMPLATE], "no rows left"),
+    (["--algorithm", "autoround", "--int8_layers", "mixed_layers", "-d", "rows.jsonl", "--text_template",
+      TEMPLATE], "--int8_layers mixed_layers applies to rtn and k_quant"),
+])
+def test_wrong_calibration_is_refused(flags, message, tiny_llama, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(8))
+    write_jsonl(tmp_path / "empty.jsonl", [{"phrase": "", "tone": ""}] * 3)
+    fails_cleanly(capsys, ["quantize", "-m", str(tiny_llama), *flags, "-o", str(tmp_path / "out")], message,
+                  tmp_path / "out")
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_generate_adapter_refuses_autoround(tiny_llama, adapters, tmp_path, capsys):
+    assert main(["generate-adapter", "-m", str(tiny_llama), "--adapter_paths", str(adapters[0]), "--precision",
+                 "int4", "--algorithm", "autoround", "-o", str(tmp_path / "out")]) == 2
+    assert "generate-adapter keeps the adapters beside one base" in capsys.readouterr().err

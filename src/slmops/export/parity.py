@@ -66,10 +66,9 @@ def probes(tokenizer: Any, manifest: dict | None, n: int) -> tuple[list[Probe], 
 def _data_probes(tokenizer: Any, manifest: dict, n: int) -> list[Probe]:
     from slmops.data.prepare import formatter_for
     from slmops.data.sources import load_split
-    from slmops.options.finetune_options import DataOptions
+    from slmops.export.source import run_data
 
-    options = {k: v for k, v in manifest["options"].items() if k in DataOptions.model_fields}
-    cfg = DataOptions(**options)
+    cfg = run_data(manifest)
     rows = load_split(cfg.data_name, cfg.data_files, cfg.eval_split or cfg.train_split, cfg.train_subset)
     formatter, _, _ = formatter_for(cfg, tokenizer, rows.column_names)
     step = max(1, len(rows) // n)

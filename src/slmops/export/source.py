@@ -14,6 +14,7 @@ from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
 from slmops.models.loading import load_model, resolve
 from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
+from slmops.options.finetune_options import DataOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ def _base_of(manifest: dict) -> str:
     if recorded and Path(recorded).is_dir():
         return recorded
     return resolve(manifest["options"]["model_name_or_path"])
+
+
+def run_data(manifest: dict) -> DataOptions:
+    """The data options a finetune run trained with (its rows give parity prompts and calibration rows)."""
+    return DataOptions(**{k: v for k, v in manifest["options"].items() if k in DataOptions.model_fields})
 
 
 def trained_for(source: Source) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from slmops.options.fields import Options, PositiveInt, option
+from slmops.options.finetune_options import DataOptions
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = {  # provider -> (builder execution provider, device, what to install when it is missing)
@@ -38,15 +39,22 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT8_LAYERS = ("last_matmul", "mixed_layers")
 
 
+CALIBRATED = ("autoround",)  # algorithms that measure the model on rows of data
+
+
 class Quantization(Options):
-    """How int4 and int8 weights are made: ONNX Runtime's MatMulNBits quantizers, through the model builder.
+    """How int4 and int8 weights are made: ONNX Runtime's MatMulNBits quantizers through the model builder, or
+    Intel's AutoRound on the PyTorch model with the builder packing its result.
 
     Measured on SmolLM2-135M with the README's SST-2 adapter merged (docs/export.md): RTN loses 8.3 points of
-    dev accuracy at int4 and k-quant 4.8, so k-quant is the int4 default; int8 loses nothing with either."""
+    dev accuracy at int4 and k-quant 4.8, so k-quant is the uncalibrated int4 default; AutoRound, calibrated
+    on the adapter's own rows, loses none; int8 loses nothing with either."""
 
-    algorithm: Literal["auto", "rtn", "k_quant"] = option(
-        "auto", "weight quantizer for int4/int8: rtn (round to nearest, seconds) or k_quant (llama.cpp's k-quant "
-                "scale search, ~30 s for 135M); auto: k_quant at int4, rtn at int8", group="export")
+    algorithm: Literal["auto", "rtn", "k_quant", "autoround"] = option(
+        "auto", "weight quantizer: rtn (round to nearest, seconds), k_quant (llama.cpp's k-quant scale search, "
+                "~30 s for 135M) or autoround (int4: Intel's AutoRound tunes the rounding on calibration rows, "
+                "minutes); auto: autoround at int4 when calibration data is known (a finetune output folder, "
+                "or --data_name), else k_quant; rtn at int8", group="export")
     block_size: PositiveInt = option(32, f"weights sharing one scale, one of {', '.join(map(str, BLOCK_SIZES))}",
                                      olive="int4_block_size", group="export")
     accuracy_level: int | None = option(None, "precision of MatMulNBits' activations: 1 fp32, 2 fp16, 3 bf16, 4 "
@@ -64,7 +72,7 @@ class Quantization(Options):
         if precision not in ("int4", "int8"):
             return {}
         algorithm = self.algorithm
-        if algorithm == "auto":
+        if algorithm == "auto" or algorithm in CALIBRATED:  # calibrated: the builder rounds only the LM head
             algorithm = "k_quant" if precision == "int4" and not trained_on_rtn else "rtn"
         built = {"algo_config": {"rtn": "default"}.get(algorithm, algorithm), "block_size": str(self.block_size)}
         if self.accuracy_level is not None:
@@ -84,10 +92,51 @@ class Quantization(Options):
             found.append(f"--int8_layers: unknown {', '.join(unknown)}; choose from {', '.join(INT8_LAYERS)}")
         elif self.int8_layers and precision != "int4":
             found.append(f"--int8_layers keeps layers of an int4 export at int8; --precision is {precision}")
+        if self.algorithm in CALIBRATED and precision != "int4":
+            found.append(f"--algorithm {self.algorithm} makes int4 weights; at --precision {precision} use rtn "
+                         f"(int8 loses nothing measurable)")
+        elif self.algorithm in CALIBRATED and "mixed_layers" in self.int8_layers:
+            found.append(f"--int8_layers mixed_layers applies to rtn and k_quant; --algorithm {self.algorithm} "
+                         f"rounds every layer at int4 (keep last_matmul only)")
         return found
 
 
-class ExportOptions(Target, Quantization):
+_DATA = DataOptions.model_fields
+
+
+class Calibration(Options):
+    """The rows a calibrated algorithm measures the model on: `finetune`'s data flags, so a training command's
+    data part pastes unchanged. Without them, a finetune output folder's own training data is used."""
+
+    data_name: str | None = _DATA["data_name"]
+    data_files: list[str] | None = _DATA["data_files"]
+    train_subset: str | None = _DATA["train_subset"]
+    train_split: str = _DATA["train_split"]
+    text_template: str | None = _DATA["text_template"]
+    text_field: str | None = _DATA["text_field"]
+    use_chat_template: bool = _DATA["use_chat_template"]
+    max_samples: PositiveInt = option(256, "calibration rows (the first N of the split)", group="data")
+    seed: int = option(42, "seed of the calibrated algorithm")
+
+    def calibration_data(self, model_name_or_path: str) -> DataOptions | None:
+        """The data options for the calibration rows, when the user named data."""
+        if self.data_name is None and not self.data_files:
+            return None
+        fields = {k: getattr(self, k) for k in Calibration.model_fields if k in DataOptions.model_fields}
+        return DataOptions(model_name_or_path=model_name_or_path, **fields)
+
+    def calibration_problems(self, algorithm: str) -> list[str]:
+        named = self.data_name is not None or bool(self.data_files)
+        if named and algorithm not in (*CALIBRATED, "auto"):
+            return [f"--data_name and --data_files give calibration rows, which --algorithm {algorithm} does not "
+                    f"read; drop them, or pass --algorithm autoround"]
+        if named and not (self.text_template or self.text_field or self.use_chat_template):
+            return ["say how to turn a calibration row into text: --text_template, --text_field or "
+                    "--use_chat_template"]
+        return []
+
+
+class ExportOptions(Target, Quantization, Calibration):
     """`slmops auto-opt`: a model (plus adapter) as an ONNX Runtime GenAI folder that passed the parity gate."""
 
     model_name_or_path: str | None = option(None, "model folder, .gguf, catalogue alias, hub id, or a `slmops "
@@ -111,7 +160,7 @@ class ExportOptions(Target, Quantization):
                          "model.onnx too); drop the flag")
         if self.model_name_or_path is None and self.adapter_path is None:
             found.append("pass --model_name_or_path (and optionally --adapter_path)")
-        return found + self.quantization_problems(self.precision)
+        return found + self.quantization_problems(self.precision) + self.calibration_problems(self.algorithm)
 
 
 class ExtractAdaptersOptions(Target, Quantization):
@@ -135,6 +184,9 @@ class ExtractAdaptersOptions(Target, Quantization):
                 and len(self.adapter_names) != len(self.adapter_paths):
             return [f"--adapter_names gives {len(self.adapter_names)} names for {len(self.adapter_paths)} "
                     f"adapters; give one name per adapter"]
+        if self.algorithm in CALIBRATED:
+            return [f"--algorithm {self.algorithm} tunes one merged model's weights; generate-adapter keeps the "
+                    f"adapters beside one base: use k_quant, or quantize each adapter merged (slmops quantize)"]
         return self.quantization_problems(self.precision)
 
 
