@@ -153,11 +153,22 @@ def quantize_seconds(args: argparse.Namespace, system: str) -> float | None:
 
 
 def _llama_cpp(args):
+    import llama_cpp
     from llama_cpp import Llama
 
+    if args.no_repack:  # llama.cpp's repacked weight buffers (AMX here) crashed llama-cpp-python 0.3.36
+        defaults = llama_cpp.llama_model_default_params
+
+        def plain_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
     llm = Llama(model_path=args.gguf, n_ctx=1024, n_threads=args.threads, verbose=False)
 
     def stream(ids, n):
+        llm.reset()  # else generate() reuses the warm-up's evaluated prompt and times one token, not the prefill
         start, times = time.perf_counter(), []
         for token in llm.generate(ids, temp=0.0, reset=True):
             times.append(time.perf_counter() - start)
@@ -175,6 +186,8 @@ def main() -> None:
     ap.add_argument("--data", help="SST-2 JSONL rows (phrase, tone) for accuracy")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--gguf", help="GGUF file of the base model for llama.cpp (llama-cpp-python)")
+    ap.add_argument("--no_repack", action="store_true",
+                    help="llama.cpp without repacked weight buffers (its AMX path segfaulted on an AMX Xeon)")
     ap.add_argument("--work", default="runs/inference")
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

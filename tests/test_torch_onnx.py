@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_model
+from conftest import TEMPLATE, build_model, sentiment_rows, write_jsonl
 from slmops.cli import main
 from slmops.export import parity
 from slmops.models.genai import GenaiModel
@@ -102,3 +102,14 @@ def test_a_model_without_a_kv_cache_is_refused_in_one_line(tokenizer_dir, models
     out = tmp_path / "o"
     mamba = build_model(tokenizer_dir, models_root, "mamba")  # a state-space model: neither exporter serves it
     fails_cleanly(capsys, ["auto-opt", "-m", str(mamba), "-o", str(out)], "keeps no per-layer key/value cache", out)
+
+
+@pytest.mark.parametrize("algorithm", ["k_quant", "autoround"])
+def test_the_builders_quantizers_are_refused_where_torch_onnx_exports(algorithm, gpt2, tmp_path, capsys):
+    """torch.onnx rounds with RTN only: a named algorithm that needs the builder is refused in one line, even
+    after AutoRound has run (it handles GPT-2; the builder does not)."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(16))
+    calibration = ["-d", str(rows), "--text_template", TEMPLATE] if algorithm == "autoround" else []
+    out = tmp_path / "out"
+    fails_cleanly(capsys, ["quantize", "-m", str(gpt2), "--algorithm", algorithm, *calibration, "-o", str(out)],
+                  f"--algorithm {algorithm}: the ONNX model builder cannot export architecture GPT2", out)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from slmops.errors import UsageError
+from slmops.errors import UsageError, first_line
 from slmops.options.finetune_options import DataOptions
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,14 @@ def autoround(model: Any, tokenizer: Any, sequences: list[torch.Tensor], out: Pa
         raise UsageError("--algorithm autoround needs the auto-round package: pip install auto-round") from None
     batches = [{"input_ids": s, "attention_mask": torch.ones_like(s)} for s in sequences]
     with _quiet(log_path):
-        tuner = AutoRound(copy.deepcopy(model), tokenizer, scheme="W4A16", bits=4, group_size=group_size, sym=True,
-                          dataset=batches, seqlen=sequences[0].shape[1], nsamples=len(batches),
-                          batch_size=min(BATCH, len(batches)), iters=ITERATIONS, seed=seed, device_map="cpu")
-        tuner.quantize_and_save(str(out), format="auto_gptq")
+        try:
+            tuner = AutoRound(copy.deepcopy(model), tokenizer, scheme="W4A16", bits=4, group_size=group_size,
+                              sym=True, dataset=batches, seqlen=sequences[0].shape[1], nsamples=len(batches),
+                              batch_size=min(BATCH, len(batches)), iters=ITERATIONS, seed=seed, device_map="cpu")
+            tuner.quantize_and_save(str(out), format="auto_gptq")
+        except Exception as err:  # an architecture or shape AutoRound does not handle
+            raise UsageError(f"AutoRound cannot quantize this model ({first_line(err)}); "
+                             f"pass --algorithm k_quant, which needs no calibration") from err
     folders = [p.parent for p in out.rglob("config.json")]
     if len(folders) != 1:
         raise RuntimeError(f"AutoRound wrote {len(folders)} model folders under {out}; expected one")
