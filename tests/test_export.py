@@ -315,3 +315,24 @@ def test_generate_adapter_refuses_autoround(tiny_llama, adapters, tmp_path, caps
     assert main(["generate-adapter", "-m", str(tiny_llama), "--adapter_paths", str(adapters[0]), "--precision",
                  "int4", "--algorithm", "autoround", "-o", str(tmp_path / "out")]) == 2
     assert "generate-adapter keeps the adapters beside one base" in capsys.readouterr().err
+
+
+def test_quantize_takes_an_exported_folder_from_its_source(tiny_llama, adapters, tmp_path, capsys):
+    """An auto-opt folder names its source: quantize exports that again (the builder rounds the PyTorch
+    weights, parity compares with PyTorch); a folder that names none is refused with the fix."""
+    fp32 = tmp_path / "fp32"
+    assert main(["auto-opt", "-m", str(tiny_llama), "-a", str(adapters[0]), "-o", str(fp32),
+                 "--parity_prompts", "1"]) == 0
+    out = tmp_path / "int4"
+    assert main(["quantize", "-m", str(fp32), "--algorithm", "k_quant", "--block_size", "16", "-o", str(out),
+                 "--parity_prompts", "2"]) == 0
+    resolved = json.loads((out / "manifest.json").read_text())["resolved"]
+    assert (resolved["base_model"], resolved["adapter"], resolved["algorithm"]) == (
+        str(tiny_llama), str(adapters[0]), "k_quant")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "genai_config.json").write_text("{}")
+    fails_cleanly(capsys, ["quantize", "-m", str(foreign), "-o", str(tmp_path / "x")],
+                  "without the auto-opt manifest that names its source", tmp_path / "x")
+    fails_cleanly(capsys, ["quantize", "-m", str(fp32), "-a", str(adapters[1]), "-o", str(tmp_path / "x")],
+                  "--adapter_path goes with a PyTorch model", tmp_path / "x")

@@ -33,7 +33,10 @@ def run_manifest(folder: Path) -> dict | None:
 
 
 def find_source(model_name_or_path: str | None, adapter_path: str | None) -> Source:
-    """Olive's flags, plus a finetune output folder in either place (base model read from its manifest)."""
+    """Olive's flags, plus a finetune output folder in either place (base model read from its manifest), and
+    an `auto-opt` folder for -m: its recorded source, exported again (at another precision, say)."""
+    if model_name_or_path and (Path(model_name_or_path).expanduser() / "genai_config.json").is_file():
+        return find_source(*exported_from(Path(model_name_or_path).expanduser(), adapter_path))
     model_run = run_manifest(Path(model_name_or_path).expanduser()) if model_name_or_path else None
     if model_run is not None and adapter_path is None:
         run = Path(model_name_or_path).expanduser()
@@ -47,6 +50,33 @@ def find_source(model_name_or_path: str | None, adapter_path: str | None) -> Sou
             raise UsageError("pass --model_name_or_path (and optionally --adapter_path)")
         model_name_or_path = base_model_of(adapter)
     return Source(resolve(model_name_or_path), adapter, manifest or model_run)
+
+
+def exported_from(folder: Path, adapter_path: str | None) -> tuple[str, str | None]:
+    """The model (and adapter) an `auto-opt` folder was exported from, read from its manifest. The export's
+    own weights are not rounded again: the builder quantizes from the PyTorch weights, the tied embedding
+    too, and the parity gate compares with the PyTorch model."""
+    manifest = read_json(folder / "manifest.json")
+    command = manifest.get("command") if isinstance(manifest, dict) else None
+    if command == "generate-adapter":
+        raise UsageError(f"{folder} is a generate-adapter folder; run generate-adapter again on its base and "
+                         f"adapters with --precision int4")
+    if command != "auto-opt":
+        raise UsageError(f"{folder} is an ONNX folder without the auto-opt manifest that names its source; pass "
+                         f"the Hugging Face model it came from as --model_name_or_path")
+    if adapter_path:
+        raise UsageError(f"{folder} is an ONNX export; --adapter_path goes with a PyTorch model: pass the model "
+                         f"it came from as --model_name_or_path")
+    resolved = manifest.get("resolved", {})
+    base, adapter = resolved.get("base_model"), resolved.get("adapter")
+    gone = [p for p in (base, adapter) if p and (Path(p).is_absolute() or p == adapter) and not Path(p).exists()]
+    if gone or not base:
+        raise UsageError(f"{folder} was exported from {gone[0] if gone else 'a model it does not name'}, which is "
+                         f"not there (relative paths are read from the current folder); pass the source model "
+                         f"as --model_name_or_path")
+    log.info("%s is an ONNX export; exporting its source %s again", folder,
+             " + ".join(p for p in (base, adapter) if p))
+    return base, adapter
 
 
 def _base_of(manifest: dict) -> str:
