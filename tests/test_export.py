@@ -296,6 +296,7 @@ def test_auto_calibrates_on_the_runs_own_rows(tiny_llama, tmp_path):
     (["--algorithm", "autoround"], "--algorithm autoround calibrates on rows of data: pass --data_name"),
     (["--algorithm", "autoround", "--precision", "int8"], "--algorithm autoround makes int4 weights"),
     (["--algorithm", "k_quant", "-d", "rows.jsonl"], "which --algorithm k_quant does not read"),
+    (["--precision", "int8", "-d", "rows.jsonl"], "which --precision int8 does not read"),
     (["--algorithm", "autoround", "-d", "rows.jsonl"], "say how to turn a calibration row into text"),
     (["--algorithm", "autoround", "-d", "missing.jsonl", "--text_template", TEMPLATE], "missing.jsonl"),
     (["--algorithm", "autoround", "-d", "empty.jsonl", "--text_template", TEMPLATE], "no rows left"),
