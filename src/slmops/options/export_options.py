@@ -48,7 +48,7 @@ class Quantization(Options):
 
     Measured on SmolLM2-135M with the README's SST-2 adapter merged (docs/export.md): RTN loses 7.8 points of
     dev accuracy at int4 and k-quant 5.4, so k-quant is the uncalibrated int4 default; AutoRound, calibrated
-    on the adapter's own training rows, loses 0.6; int8 loses nothing with either."""
+    on the adapter's own training rows, keeps it within a point; int8 loses nothing with either."""
 
     algorithm: Literal["auto", "rtn", "k_quant", "autoround"] = option(
         "auto", "weight quantizer: rtn (round to nearest, seconds), k_quant (llama.cpp's k-quant scale search, "
