@@ -369,13 +369,14 @@ def test_unknown_eval_metric_is_refused(tiny_llama, sentiment_file, tmp_path):
 def test_a_checkpoint_cut_off_while_saving_is_passed_over(tmp_path, caplog):
     from slmops.training.recipe import last_checkpoint
 
-    for step, complete in ((2, True), (10, True), (12, False)):  # 10 after 2: by number, not by name
+    # 10 after 2: by number, not by name; 12 never got its state, 14 was killed while writing it
+    for step, state in ((2, "{}"), (10, "{}"), (12, None), (14, "")):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
-    assert "checkpoint-12 is incomplete" in caplog.text
+    assert "checkpoint-12 is incomplete" in caplog.text and "checkpoint-14 is incomplete" in caplog.text
     assert last_checkpoint(tmp_path / "none") is None
 
 

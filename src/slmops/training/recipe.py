@@ -22,7 +22,7 @@ from transformers.trainer_callback import (
     ProgressCallback,
 )
 
-from slmops.artifacts.folders import partial_dir, publish, refuse_existing
+from slmops.artifacts.folders import partial_dir, publish, read_json, refuse_existing
 from slmops.artifacts.manifest import peak_memory_mb, write_manifest
 from slmops.data.pairs import prepare_pairs
 from slmops.data.preference import prepare_preferences
@@ -290,11 +290,12 @@ class FinetuneRecipe:
 
 def last_checkpoint(folder: Path) -> str | None:
     """The latest complete checkpoint. A process killed while saving leaves a checkpoint-N folder without
-    its trainer_state.json (the Trainer writes it last); resuming from that would fail, so it is passed over."""
+    its trainer_state.json (the Trainer writes it last), or with that file cut short (killed while writing
+    it); resuming from either would fail, so it is passed over."""
     steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
                    if p.name.split("-")[1].isdigit()) if folder.is_dir() else []
     for _, path in reversed(steps):
-        if (path / "trainer_state.json").is_file():
+        if isinstance(read_json(path / "trainer_state.json"), dict):
             return str(path)
         log.warning("%s is incomplete (its process stopped while saving it); resuming from an earlier one", path)
     return None
