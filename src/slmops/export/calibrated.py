@@ -66,7 +66,7 @@ def autoround(model: Any, tokenizer: Any, sequences: list[torch.Tensor], out: Pa
             tuner = AutoRound(copy.deepcopy(model), tokenizer, scheme="W4A16", bits=4, group_size=group_size,
                               sym=True, dataset=batches, seqlen=sequences[0].shape[1], nsamples=len(batches),
                               batch_size=min(BATCH, len(batches)), iters=ITERATIONS, seed=seed, device_map="cpu",
-                              enable_torch_compile=False)  # eager: no compiler needed; compiled measured no faster
+                              enable_torch_compile=False)  # eager: no compiler needed (compiled: 227 s vs 220)
             tuner.quantize_and_save(str(out), format="auto_gptq")
         except Exception as err:  # an architecture or shape AutoRound does not handle
             raise UsageError(f"AutoRound cannot quantize this model ({first_line(err)}); "
