@@ -93,15 +93,16 @@ def plan(opts: ExportOptions, source: Source, aware: str | None) -> DataOptions 
     int4 when rows are known (the user's data flags, or the finetune run's own training data) and the
     builder exports, unless the adapter was trained quantization-aware (it keeps the RTN rounding it learnt
     beside). Otherwise auto means k-quant at int4 and RTN at int8, which loses nothing."""
+    auto_calibrates = opts.algorithm == "auto" and opts.precision == "int4" and aware != opts.precision \
+        and opts.exporter != "torch"
+    if opts.algorithm not in CALIBRATED and not auto_calibrates:
+        return None
     data = opts.calibration_data(source.base) or (run_data(source.manifest) if source.manifest else None)
-    if opts.algorithm == "auto":
-        keeps_rtn = aware == opts.precision or opts.exporter == "torch"
-        return data if opts.precision == "int4" and not keeps_rtn else None
-    if opts.algorithm in CALIBRATED and data is None:
+    if data is None and opts.algorithm in CALIBRATED:
         raise UsageError(f"--algorithm {opts.algorithm} calibrates on rows of data: pass --data_name (with "
                          f"--text_template or --text_field), or quantize a `slmops finetune` output folder, whose "
                          f"training data it uses; --algorithm k_quant needs none")
-    return data if opts.algorithm in CALIBRATED else None
+    return data
 
 
 def read_calibration(opts: ExportOptions, data: DataOptions | None,

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from slmops.errors import UsageError, first_line
+from slmops.export.builder import output_to
 from slmops.options.finetune_options import DataOptions
 
 log = logging.getLogger(__name__)
@@ -79,16 +81,13 @@ def autoround(model: Any, tokenizer: Any, sequences: list[torch.Tensor], out: Pa
 
 @contextlib.contextmanager
 def _quiet(log_path: Path) -> Iterator[None]:
-    """AutoRound logs every block's loss through its own handler: into `log_path`, unless debugging."""
-    if log.getEffectiveLevel() <= logging.DEBUG:
-        yield
-        return
-    handlers = logging.getLogger("autoround").handlers
-    with open(log_path, "a", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), \
-            contextlib.redirect_stderr(sink):
-        streams = [h.setStream(sink) for h in handlers if isinstance(h, logging.StreamHandler)]
+    """AutoRound prints progress and logs every block's loss through a handler it made at import: both go
+    where the builder's output goes (`log_path`, unless debugging)."""
+    with output_to(log_path):
+        handlers = [h for h in logging.getLogger("autoround").handlers if isinstance(h, logging.StreamHandler)]
+        previous = [h.setStream(sys.stderr) for h in handlers]
         try:
             yield
         finally:
-            for handler, stream in zip([h for h in handlers if isinstance(h, logging.StreamHandler)], streams):
+            for handler, stream in zip(handlers, previous):
                 handler.setStream(stream)

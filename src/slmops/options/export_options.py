@@ -161,7 +161,8 @@ class ExportOptions(Target, Quantization, Calibration):
                          "model.onnx too); drop the flag")
         if self.model_name_or_path is None and self.adapter_path is None:
             found.append("pass --model_name_or_path (and optionally --adapter_path)")
-        return found + self.quantization_problems(self.precision) + self.calibration_problems(self.algorithm, self.precision)
+        return (found + self.quantization_problems(self.precision)
+                + self.calibration_problems(self.algorithm, self.precision))
 
 
 class ExtractAdaptersOptions(Target, Quantization):
