@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import TEMPLATE
@@ -133,6 +134,38 @@ def test_a_worker_rides_out_a_database_restart(postgres, tiny_llama, sentiment_f
     finish(w)
     trials = study(url).trials
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
+
+
+def test_a_query_the_restart_cut_short_runs_again_and_other_errors_do_not(monkeypatch):
+    """The restart test's race made deterministic: optuna wraps a query the server ended in a
+    StorageInternalError; `patiently` runs it again, while an error in the data itself is raised at once."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from slmops.workflow import study as study_module
+
+    monkeypatch.setattr(study_module.time, "sleep", lambda seconds: None)
+    storage, calls = SimpleNamespace(grace_period=60), []
+
+    def cut_short_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise optuna.exceptions.StorageInternalError("commit") from OperationalError(
+                "SELECT", {}, Exception("terminating connection due to administrator command"))
+        return "done"
+    assert study_module.patiently(storage, cut_short_twice, "test") == "done" and len(calls) == 3
+
+    def bad_data() -> None:
+        calls.append(1)
+        raise optuna.exceptions.StorageInternalError("commit") from IntegrityError("INSERT", {}, Exception("dup"))
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        study_module.patiently(storage, bad_data, "test")
+    assert len(calls) == 4
+    storage.grace_period = -1  # the server never came back: the error is the caller's
+    calls.clear()
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        study_module.patiently(storage, cut_short_twice, "test")
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("storage, expected", [

@@ -29,7 +29,7 @@ from slmops.options.finetune_options import FinetuneOptions
 from slmops.workflow.passes import ModelRef, Step, Workflow, finetune, trained_model
 from slmops.workflow.reading import ALIASES
 from slmops.workflow.schema import Dimension
-from slmops.workflow.study import open_storage, slots, work
+from slmops.workflow.study import open_storage, patiently, slots, work
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,18 @@ RESULTS = "search_results"
 class Pruning(TrainerCallback):
     """Reports each validation metric to the trial; stops training when optuna says prune."""
 
-    def __init__(self, trial: Any, metric: str):
-        self.trial, self.metric, self.pruned = trial, metric, False
+    def __init__(self, trial: Any, metric: str, storage: Any):
+        self.trial, self.metric, self.storage, self.pruned = trial, metric, storage, False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(self.metric)
         if value is None or state.global_step == 0:  # the untrained model's evaluation says nothing
             return
-        self.trial.report(value, state.global_step)
-        if self.trial.should_prune():
+
+        def report() -> bool:
+            self.trial.report(value, state.global_step)
+            return self.trial.should_prune()
+        if patiently(self.storage, report, f"trial {self.trial.number}'s step {state.global_step}"):
             self.pruned = True
             control.should_training_stop = True
 
@@ -73,7 +76,7 @@ def search(step: Step, wf: Workflow) -> ModelRef:
         folder = _folder(step.out / "trials", trial)
         trial.set_user_attr("folder", str(folder))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        pruning = Pruning(trial, metric)
+        pruning = Pruning(trial, metric, storage)
         options = _with(step.options, params)
         finetune(Step(step.name, step.type, options, step.model, folder, True, callbacks=(pruning,)))
         trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))

@@ -11,7 +11,8 @@ worker its trials. What it leaves open, and this module adds:
   with nothing left to start waits for the trials still running elsewhere, so none is left behind.
   Ctrl-C hands the running trial back the same way, at once;
 - outages: a connection lost mid-study is opened again, waiting up to `grace_period` seconds for the
-  server, and heartbeats keep trying through it (optuna's own heartbeat thread ends at its first error);
+  server; a query the restart cut short is run again (`patiently`), and heartbeats keep trying through
+  it (optuna's own heartbeat thread ends at its first error);
 - a wrong URL or an unreachable server is one line before any trial starts.
 """
 
@@ -25,11 +26,12 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from slmops.errors import Interrupted, UsageError, first_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
@@ -108,6 +110,25 @@ def _patient_connect(patience: int) -> Callable:
                 log.warning("study database unreachable (%s); trying again", first_line(err))
                 time.sleep(2)
     return connect
+
+
+def patiently(storage: Any, call: Callable[[], T], what: str) -> T:
+    """`call`, run again every 2 s for up to the storage's grace period while the database cuts it short:
+    a server restart ends the queries in flight, which optuna reports as a StorageInternalError (opening
+    a new connection already waits, in `_patient_connect`). Other errors are raised at once."""
+    from sqlalchemy.exc import OperationalError
+
+    deadline = time.monotonic() + storage.grace_period
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001  only connection failures are tried again
+            dropped = isinstance(err, OperationalError) or isinstance(err.__cause__, OperationalError)
+            if not dropped or time.monotonic() > deadline:
+                raise
+            log.warning("%s: the study database dropped the query (%s); trying again", what,
+                        first_line(err.__cause__ or err))
+            time.sleep(2)
 
 
 @contextlib.contextmanager
@@ -220,7 +241,7 @@ def run_trial(study: Any, storage: Any, trial: Any, objective: Callable[[Any], f
             study.tell(trial, state=state.FAIL)
             raise
     try:
-        study.tell(trial, value, state=outcome)
+        patiently(storage, lambda: study.tell(trial, value, state=outcome), f"trial {trial.number}'s result")
     except optuna.exceptions.UpdateFinishedTrialError:
         log.warning("trial %d was taken for dead while it ran here (no heartbeat for %ss) and queued again; "
                     "this result is kept in its folder but not counted", trial.number, storage.grace_period)
