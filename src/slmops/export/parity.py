@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # Measured on SmolLM2-135M (docs/export.md): fp32 100% / x1.000; int8 100% / x0.998; int4 RTN (block 32)
 # 87.5-90.6% / x1.26-1.30 with an SST-2 adapter, 62% / x1.26 for the base on generic text; int4 k-quant (the
 # default without calibration rows, more accurate on the task) 90.6% / x1.36 merged and 93.8% / x1.45 with the
-# adapter in float beside the base; AutoRound 96.9-100% / x1.28-1.32. int4 moves many low-confidence choices of a model this small, so its gate catches a broken export,
-# not int4 itself.
+# adapter in float beside the base; AutoRound 96.9-100% / x1.28-1.32. int4 moves many low-confidence choices
+# of a model this small, so its gate catches a broken export, not int4 itself.
 THRESHOLDS = {
     "fp32": {"top1_agreement": 0.99, "perplexity_ratio": 1.01},
     "fp16": {"top1_agreement": 0.97, "perplexity_ratio": 1.02},

@@ -118,15 +118,18 @@ class Calibration(Options):
     max_samples: PositiveInt = option(256, "calibration rows (the first N of the split)", group="data")
     seed: int = option(42, "seed of the calibrated algorithm")
 
+    def names_data(self) -> bool:
+        return self.data_name is not None or bool(self.data_files)
+
     def calibration_data(self, model_name_or_path: str) -> DataOptions | None:
         """The data options for the calibration rows, when the user named data."""
-        if self.data_name is None and not self.data_files:
+        if not self.names_data():
             return None
         fields = {k: getattr(self, k) for k in Calibration.model_fields if k in DataOptions.model_fields}
         return DataOptions(model_name_or_path=model_name_or_path, **fields)
 
     def calibration_problems(self, algorithm: str, precision: str) -> list[str]:
-        named = self.data_name is not None or bool(self.data_files)
+        named = self.names_data()
         if named and algorithm not in CALIBRATED and (algorithm != "auto" or precision != "int4"):
             what = f"--algorithm {algorithm}" if algorithm != "auto" else f"--precision {precision}"
             return [f"--data_name and --data_files give calibration rows, which {what} does not read; drop them, "

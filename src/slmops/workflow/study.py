@@ -96,19 +96,27 @@ def _engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}  # a dropped connection is renewed
 
 
+def _retried(call: Callable[[], T], patience: float, transient: Callable[[Exception], bool], what: str) -> T:
+    """`call`, run again every 2 s for up to `patience` seconds while it fails with a `transient` error;
+    any other error, or one past the deadline, is raised."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001  `transient` decides which are tried again
+            if not transient(err) or time.monotonic() > deadline:
+                raise
+            log.warning("%s (%s); trying again", what, first_line(err.__cause__ or err))
+            time.sleep(2)
+
+
 def _patient_connect(patience: int) -> Callable:
     """A connection that fails to open is tried again every 2 s for `patience` seconds, so a worker
     rides out a database restart; with pool_pre_ping, every stale pooled connection comes through here."""
     def connect(dialect: Any, conn_rec: Any, cargs: tuple, cparams: dict) -> Any:
-        deadline = time.monotonic() + patience
-        while True:
-            try:
-                return dialect.connect(*cargs, **cparams)
-            except dialect.loaded_dbapi.OperationalError as err:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("study database unreachable (%s); trying again", first_line(err))
-                time.sleep(2)
+        def refused(err: Exception) -> bool:
+            return isinstance(err, dialect.loaded_dbapi.OperationalError)
+        return _retried(lambda: dialect.connect(*cargs, **cparams), patience, refused, "study database unreachable")
     return connect
 
 
@@ -118,17 +126,9 @@ def patiently(storage: Any, call: Callable[[], T], what: str) -> T:
     a new connection already waits, in `_patient_connect`). Other errors are raised at once."""
     from sqlalchemy.exc import OperationalError
 
-    deadline = time.monotonic() + storage.grace_period
-    while True:
-        try:
-            return call()
-        except Exception as err:  # noqa: BLE001  only connection failures are tried again
-            dropped = isinstance(err, OperationalError) or isinstance(err.__cause__, OperationalError)
-            if not dropped or time.monotonic() > deadline:
-                raise
-            log.warning("%s: the study database dropped the query (%s); trying again", what,
-                        first_line(err.__cause__ or err))
-            time.sleep(2)
+    def dropped(err: Exception) -> bool:
+        return isinstance(err, OperationalError) or isinstance(err.__cause__, OperationalError)
+    return _retried(call, storage.grace_period, dropped, f"{what}: the study database dropped the query")
 
 
 @contextlib.contextmanager
