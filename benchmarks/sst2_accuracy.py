@@ -1,4 +1,5 @@
-"""Score an adapter on held-out SST-2 with plain transformers + peft (no slmops code).
+"""Score an adapter on held-out SST-2 with plain transformers + peft, or an exported ONNX folder with plain
+onnxruntime-genai (no slmops code either way).
 
 Accuracy compares the next-token scores of the two label words after the prompt, the way the
 reference recipe in ../shared/data/sst2/README.md measures it. `--val_data` adds the validation
@@ -6,6 +7,7 @@ loss: mean cross-entropy over the answer tokens (`{tone}<|im_end|>`), the loss e
 
     python benchmarks/sst2_accuracy.py --base ~/.cache/slmops/models/smollm2-135m-instruct \
         --adapter runs/sst2-lora/adapter --data ../shared/data/sst2/dev.jsonl
+    python benchmarks/sst2_accuracy.py --onnx runs/sst2-int4 --data ../shared/data/sst2/dev.jsonl
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ def accuracy(tok, model, rows: list[dict], batch_size: int = 32) -> float:
     return correct / len(rows)
 
 
+def onnx_accuracy(folder: str, rows: list[dict]) -> float:
+    """The same comparison through onnxruntime-genai, one row at a time (its logits call takes no batch)."""
+    import onnxruntime_genai as og
+
+    tok, model = AutoTokenizer.from_pretrained(folder), og.Model(folder)
+    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    correct = 0
+    for r in rows:
+        ids = tok(PROMPT.format(**r))["input_ids"]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids))
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        last = generator.get_output("logits")[0, -1]
+        correct += LABELS[int(last[label_ids[1]] > last[label_ids[0]])] == r["tone"]
+    return correct / len(rows)
+
+
 @torch.no_grad()
 def answer_loss(tok, model, rows: list[dict]) -> float:
     """Mean cross-entropy per answer token, one row at a time (no padding to get wrong)."""
@@ -64,21 +84,27 @@ def read_rows(path: str, start: int = 0, stop: int | None = None) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True)
+    ap.add_argument("--base", help="the PyTorch model folder")
     ap.add_argument("--adapter")
+    ap.add_argument("--onnx", help="an exported ONNX Runtime GenAI folder, scored instead of --base")
     ap.add_argument("--data", required=True)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--val_data", help="JSONL rows for the validation loss")
     ap.add_argument("--batch_size", type=int, default=32)
     args = ap.parse_args()
 
-    tok, model = load(args.base, args.adapter)
+    if not (args.base or args.onnx):
+        ap.error("give --base (PyTorch) or --onnx (an exported folder)")
     rows = read_rows(args.data, 0, args.limit)
     start = time.perf_counter()
-    acc = accuracy(tok, model, rows, args.batch_size)
-    print(f"accuracy {acc:.4f} ({round(acc * len(rows))}/{len(rows)}) in {time.perf_counter() - start:.0f} s "
-          f"[{'adapter ' + args.adapter if args.adapter else 'base only'}]")
-    if args.val_data:
+    if args.onnx:
+        acc, what = onnx_accuracy(args.onnx, rows), f"onnx {args.onnx}"
+    else:
+        tok, model = load(args.base, args.adapter)
+        acc = accuracy(tok, model, rows, args.batch_size)
+        what = f"adapter {args.adapter}" if args.adapter else "base only"
+    print(f"accuracy {acc:.4f} ({round(acc * len(rows))}/{len(rows)}) in {time.perf_counter() - start:.0f} s [{what}]")
+    if args.val_data and not args.onnx:
         print(f"validation loss {answer_loss(tok, model, read_rows(args.val_data)):.4f}")
 
 
