@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 # default without calibration rows, more accurate on the task) 90.6% / x1.36 merged and 93.8% / x1.45 with the
 # adapter in float beside the base; AutoRound 96.9-100% / x1.28-1.32. The quickstart's adapter at lr 1e-3 has
 # drifted further from the base on generic text (perplexity 35.6 against the base's 24.0): there every int4
-# export gives x1.55-1.65 (RTN 93.8%, k-quant 95.3%, AutoRound 100% top-1; the adapter in float beside a
-# k-quant base x1.65), with 94-100% top-1 agreement. int4 moves many low-confidence choices of a model this
-# small, so its gate catches a broken export, not int4 itself.
+# export gives x1.55-1.65 at 93.8-100% top-1 agreement (RTN, k-quant and AutoRound merged; the adapter in float
+# beside a k-quant base, x1.65). int4 moves many low-confidence choices of a model this small, so its gate
+# catches a broken export, not int4 itself.
 THRESHOLDS = {
     "fp32": {"top1_agreement": 0.99, "perplexity_ratio": 1.01},
     "fp16": {"top1_agreement": 0.97, "perplexity_ratio": 1.02},
