@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sst2_accuracy import LABELS, PROMPT as SST2, accuracy  # the independent scorer: plain transformers
+from sst2_accuracy import PROMPT as SST2, accuracy, label_ids, predicted  # the independent scorer: plain transformers
 
 PROMPT = "<|im_start|>user\nWrite a long story about a dragon who learns to cook.<|im_end|>\n<|im_start|>assistant\n"
 ONNX = {  # system -> (command, precision, extra flags)
@@ -136,11 +136,11 @@ def _onnx(args, system):
         return times
 
     def score(tok, rows):
-        label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+        labels = label_ids(tok)
         correct = 0
         for r in rows:
             last = model.logits(tok(SST2.format(**r))["input_ids"], adapter)[-1]
-            correct += LABELS[int(last[label_ids[1]] > last[label_ids[0]])] == r["tone"]
+            correct += predicted(last, labels) == r["tone"]
         return correct / len(rows)
 
     return stream, score, folder_mb(folder)

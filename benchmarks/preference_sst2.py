@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sst2_accuracy import LABELS, PROMPT, load, read_rows  # noqa: E402
+from sst2_accuracy import LABELS, PROMPT, label_ids, load, read_rows  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 TEMPLATE = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n{tone}<|im_end|>"
@@ -50,7 +50,7 @@ def score(base: str, adapter: str | None, rows: list[dict], batch_size: int = 32
     """(accuracy, mean margin) over `rows`."""
     tok, model = load(base, adapter)
     tok.padding_side = "left"
-    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    ids = label_ids(tok)
     correct, margin = 0, 0.0
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo: lo + batch_size]

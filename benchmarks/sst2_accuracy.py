@@ -33,15 +33,25 @@ def load(base: str, adapter: str | None):
     return tok, model.eval()
 
 
+def label_ids(tok) -> list[int]:
+    """Each label word's first token: accuracy compares these two next-token scores after the prompt."""
+    return [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+
+
+def predicted(last, ids: list[int]) -> str:
+    """The label whose token scores higher in one position's logits (a tie: the first label, as argmax)."""
+    return LABELS[int(last[ids[1]] > last[ids[0]])]
+
+
 @torch.no_grad()
 def accuracy(tok, model, rows: list[dict], batch_size: int = 32) -> float:
     tok.padding_side = "left"
-    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    ids = label_ids(tok)
     correct = 0
     for lo in range(0, len(rows), batch_size):
         batch = rows[lo: lo + batch_size]
         enc = tok([PROMPT.format(**r) for r in batch], return_tensors="pt", padding=True)
-        pred = model(**enc).logits[:, -1, label_ids].argmax(-1).tolist()
+        pred = model(**enc).logits[:, -1, ids].argmax(-1).tolist()
         correct += sum(LABELS[p] == r["tone"] for p, r in zip(pred, batch))
     return correct / len(rows)
 
@@ -51,7 +61,7 @@ def onnx_accuracy(folder: str, rows: list[dict]) -> float:
     import onnxruntime_genai as og
 
     tok, model = AutoTokenizer.from_pretrained(folder), og.Model(folder)
-    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    labels = label_ids(tok)
     correct = 0
     for r in rows:
         ids = tok(PROMPT.format(**r))["input_ids"]
@@ -59,8 +69,7 @@ def onnx_accuracy(folder: str, rows: list[dict]) -> float:
         params.set_search_options(max_length=len(ids))
         generator = og.Generator(model, params)
         generator.append_tokens(ids)
-        last = generator.get_output("logits")[0, -1]
-        correct += LABELS[int(last[label_ids[1]] > last[label_ids[0]])] == r["tone"]
+        correct += predicted(generator.get_output("logits")[0, -1], labels) == r["tone"]
     return correct / len(rows)
 
 
@@ -95,6 +104,8 @@ def main() -> None:
 
     if not (args.base or args.onnx):
         ap.error("give --base (PyTorch) or --onnx (an exported folder)")
+    if args.onnx and args.val_data:
+        ap.error("--val_data scores a PyTorch model: give --base instead of --onnx")
     rows = read_rows(args.data, 0, args.limit)
     start = time.perf_counter()
     if args.onnx:
@@ -104,7 +115,7 @@ def main() -> None:
         acc = accuracy(tok, model, rows, args.batch_size)
         what = f"adapter {args.adapter}" if args.adapter else "base only"
     print(f"accuracy {acc:.4f} ({round(acc * len(rows))}/{len(rows)}) in {time.perf_counter() - start:.0f} s [{what}]")
-    if args.val_data and not args.onnx:
+    if args.val_data:
         print(f"validation loss {answer_loss(tok, model, read_rows(args.val_data)):.4f}")
 
 
