@@ -19,30 +19,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from sst2_accuracy import accuracy, load
 from tables import markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "<|im_start|>user\n{phrase}<|im_end|>\n<|im_start|>assistant\n{tone}<|im_end|>"
-# name: (training rows taken, learning rate, epochs, LoRA rank, batch, validation during training)
-RECIPES = {"quickstart": (2000, 1e-3, 1, 16, 16, True), "lr 2e-4 (the default)": (2000, 2e-4, 1, 16, 16, True),
-           "lr 1e-3, no validation": (2000, 1e-3, 1, 16, 16, False), "lr 2e-3": (2000, 2e-3, 1, 16, 16, True),
-           "lr 1e-3, rank 8": (2000, 1e-3, 1, 8, 16, True), "1000 rows, lr 1e-3": (1000, 1e-3, 1, 16, 16, True),
-           "4000 rows, lr 1e-3": (4000, 1e-3, 1, 16, 16, True),
-           "2400 rows, batch 32, lr 1e-3": (2400, 1e-3, 1, 16, 32, True),
-           "2800 rows, batch 64, lr 1e-3": (2800, 1e-3, 1, 16, 64, True),
-           "2800 rows, batch 64, lr 2e-3": (2800, 2e-3, 1, 16, 64, True),
-           "2800 rows, batch 64, lr 2e-3, no validation": (2800, 2e-3, 1, 16, 64, False)}
-LONG = {"15000 rows, batch 64": (16000, 1e-3, 1, 16, 64, True)}  # 1,000 of the 16,000 held out
 
 
-def train(out: Path, data: str, rows: int, lr: float, epochs: int, rank: int, batch: int, validate: bool) -> float:
+class Recipe(NamedTuple):
+    rows: int        # training rows taken (10% of them, at most 1,000, held out for validation)
+    lr: float
+    epochs: int
+    rank: int        # LoRA rank
+    batch: int
+    validate: bool   # evaluations during training
+
+
+RECIPES = {
+    "quickstart": Recipe(2000, 1e-3, 1, 16, 16, True),
+    "lr 2e-4 (the default)": Recipe(2000, 2e-4, 1, 16, 16, True),
+    "lr 1e-3, no validation": Recipe(2000, 1e-3, 1, 16, 16, False),
+    "lr 2e-3": Recipe(2000, 2e-3, 1, 16, 16, True),
+    "lr 1e-3, rank 8": Recipe(2000, 1e-3, 1, 8, 16, True),
+    "1000 rows, lr 1e-3": Recipe(1000, 1e-3, 1, 16, 16, True),
+    "4000 rows, lr 1e-3": Recipe(4000, 1e-3, 1, 16, 16, True),
+    "2400 rows, batch 32, lr 1e-3": Recipe(2400, 1e-3, 1, 16, 32, True),
+    "2800 rows, batch 64, lr 1e-3": Recipe(2800, 1e-3, 1, 16, 64, True),
+    "2800 rows, batch 64, lr 2e-3": Recipe(2800, 2e-3, 1, 16, 64, True),
+    "2800 rows, batch 64, lr 2e-3, no validation": Recipe(2800, 2e-3, 1, 16, 64, False),
+}
+LONG = {"15000 rows, batch 64": Recipe(16000, 1e-3, 1, 16, 64, True)}  # 1,000 of the 16,000 held out
+
+
+def train(out: Path, data: str, r: Recipe) -> float:
     argv = [sys.executable, "-m", "slmops", "finetune", "-m", "smollm2-135m-instruct", "-d", data,
-            "--train_split", f"train[:{rows}]", "--text_template", TEMPLATE, "--method", "lora", "--lora_r", str(rank),
-            "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch), "--lr_scheduler_type",
-            "cosine", "--learning_rate", str(lr), "--output_path", str(out), "--log_level", "3"]
-    if not validate:
+            "--train_split", f"train[:{r.rows}]", "--text_template", TEMPLATE, "--method", "lora",
+            "--lora_r", str(r.rank), "--num_train_epochs", str(r.epochs), "--per_device_train_batch_size", str(r.batch),
+            "--lr_scheduler_type", "cosine", "--learning_rate", str(r.lr), "--output_path", str(out),
+            "--log_level", "3"]
+    if not r.validate:
         argv += ["--eval_strategy", "no"]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -64,13 +81,13 @@ def main() -> None:
             if (args.only and name not in args.only) or (not args.only and name in LONG):
                 continue
             out = Path(tmp) / name.replace(" ", "_").replace(",", "")
-            seconds = train(out, str(Path(args.data) / "train.jsonl"), *recipe)
+            seconds = train(out, str(Path(args.data) / "train.jsonl"), recipe)
             tok, model = load(base, str(out / "adapter"))
             score = accuracy(tok, model.merge_and_unload(), dev, batch_size=64)
             results = json.loads((out / "manifest.json").read_text())["results"]
             timing = results["timing"]
-            rows.append({"recipe": name, "rows taken": recipe[0], "learning rate": f"{recipe[1]:g}", "rank": recipe[3],
-                         "batch": recipe[4], "whole process (s)": round(seconds, 1),
+            rows.append({"recipe": name, "rows taken": recipe.rows, "learning rate": f"{recipe.lr:g}",
+                         "rank": recipe.rank, "batch": recipe.batch, "whole process (s)": round(seconds, 1),
                          "training (s)": timing["training"], "validation (s)": timing.get("evaluation", 0),
                          "dev accuracy": f"{100 * score:.2f}%"})
             print(json.dumps(rows[-1]), flush=True)
