@@ -4,6 +4,7 @@ a method registered once is a `--method` choice, a workflow pass type and a docu
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_a_registered_method_is_everywhere(monkeypatch):
     assert "`halflora` (HalfLoRA, learning rate 0.0001)" in reference.render()
     with pytest.raises(UsageError, match="--method: got 'magic'; choose one of lora, qlora"):
         FinetuneOptions.build(model_name_or_path="m", output_path="o", text_field="t", method="magic")
+
+
+def test_training_arguments_are_flags_from_a_memo_of_transformers_schema(tmp_path, monkeypatch):
+    """Every TrainingArguments field is a flag typed from transformers' dataclass; the schema is remembered
+    per transformers version, so `finetune --help` or a mistyped flag need not import the trainer."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from transformers import TrainingArguments
+
+    from slmops.cli.flags import add_training_arguments
+    from slmops.options.training_args import training_argument_fields, training_argument_names
+
+    monkeypatch.setenv("SLMOPS_HOME", str(tmp_path))
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert {f["name"] for f in training_argument_fields()} == names and list(tmp_path.glob("training-arguments-*"))
+    assert {"evaluation_strategy", "weight_decay"} <= training_argument_names()
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser, set(FinetuneOptions.model_fields))
+    args = parser.parse_args(["--gradient_checkpointing", "--weight_decay", "0.1", "--fsdp_config", '{"a": 1}',
+                              "--bf16", "false", "--lr_scheduler_type", "cosine"])
+    assert vars(args) == {"gradient_checkpointing": True, "weight_decay": 0.1, "fsdp_config": {"a": 1},
+                          "bf16": False, "lr_scheduler_type": "cosine"}
+    probe = ("import sys; from slmops.cli import main\ntry: main(['finetune', '--help'])\nexcept SystemExit: pass\n"
+             "print('trainer imported' if 'transformers.training_args' in sys.modules else 'not imported')")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ})
+    assert "--weight_decay" in shown.stdout and shown.stdout.rstrip().endswith("not imported"), shown.stderr[-500:]

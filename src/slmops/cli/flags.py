@@ -4,7 +4,6 @@ documented from its help text and default; defaults stay in the model (an unset 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import types
 import typing
@@ -13,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from slmops.options.fields import GROUPS, meta
-from slmops.options.training_args import OWNED
+from slmops.options.training_args import OWNED, training_argument_fields
 
 
 def str2bool(value: str | bool) -> bool:
@@ -64,6 +63,7 @@ def spellings(name: str, flags: list[str]) -> list[str]:
     return [*short, f"--{name}", *(f for f in flags if f.startswith("--"))]
 
 
+SCALARS = {"bool": bool, "int": int, "float": float, "str": str}  # training_argument_fields' kinds
 SWITCHES = ("command", "action", "log_level", "save_config_file")  # the command's own, not options
 
 
@@ -111,27 +111,16 @@ def _plain(annotation: Any) -> Any:
 
 def add_training_arguments(parser: argparse.ArgumentParser, taken: set[str]) -> None:
     """Every Hugging Face TrainingArguments field as a flag of its own name (transformers' schema)."""
-    from transformers import TrainingArguments
-
     group = parser.add_argument_group("Hugging Face TrainingArguments (passed through; defaults are "
                                       "transformers' unless noted: learning_rate 2e-4 for adapters, 2e-5 full; "
                                       "logging_steps 10)")
-    for f in dataclasses.fields(TrainingArguments):
-        if f.init and f.name not in OWNED and f.name not in taken:
+    for f in training_argument_fields():
+        if f["name"] not in OWNED and f["name"] not in taken:
             # a dict field (fsdp_config, deepspeed) takes JSON or a file path; bare --fsdp means true
-            kwargs = {"type": json_object} if "dict" in str(f.type) else flag_kind(_scalar(f.type))
-            kwargs.update({k: f.metadata[k] for k in ("nargs", "const") if k in f.metadata})
-            group.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
-                               help=(f.metadata.get("help") or "").split(". ")[0].replace("%", "%%"), **kwargs)
+            kwargs = {"type": json_object} if f["kind"] == "json" else flag_kind(SCALARS[f["kind"]])
+            kwargs.update({k: f[k] for k in ("nargs", "const") if k in f})
+            group.add_argument(f"--{f['name']}", dest=f["name"], default=argparse.SUPPRESS,
+                               help=f["help"].replace("%", "%%"), **kwargs)
     group.add_argument("--evaluation_strategy", default=argparse.SUPPRESS, help="old name of --eval_strategy")
     group.add_argument("--group_by_length", type=str2bool, nargs="?", const=True, default=argparse.SUPPRESS,
                        help="old name of --train_sampling_strategy group_by_length")
-
-
-def _scalar(annotation: Any) -> Any:
-    """A TrainingArguments field's flag type: str wherever a string is accepted."""
-    if isinstance(annotation, str):
-        annotation = {"bool": bool, "int": int, "float": float}.get(annotation, str)
-    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
-    args = typing.get_args(annotation) if union else (annotation,)
-    return next((c for c in (str, bool, int, float) if c in args), str)
