@@ -117,8 +117,13 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
 
 
 def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file, tmp_path):
-    """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use."""
+    """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use: neither
+    the command nor the Python API shows it."""
     result = subprocess.run([sys.executable, "-m", "slmops", "finetune", "-m", str(tiny_llama), "-d",
                              str(sentiment_file), "--text_template", TEMPLATE, "--max_steps", "1",
                              "--report_to", "none", "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]
+    api = (f"import slmops; slmops.finetune(model_name_or_path={str(tiny_llama)!r}, data_name={str(sentiment_file)!r}, "
+           f"text_template={TEMPLATE!r}, max_steps=1, output_path={str(tmp_path / 'api')!r})")
+    result = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)
     assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]

@@ -80,10 +80,6 @@ def build_parser(chosen: str | None = None) -> tuple[Parser, dict[str, Callable[
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # peft imports bitsandbytes (here, for the chosen command's flags), whose CPU build looks for a 4-bit kernel
-    # on the Hub through `kernels` and warns at import: only QLoRA could use it, and nothing is there to act on
-    for noisy in ("bitsandbytes", "kernels"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     parser, handlers = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
