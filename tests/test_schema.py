@@ -81,6 +81,9 @@ def test_training_arguments_are_flags_from_a_memo_of_transformers_schema(tmp_pat
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     assert {f["name"] for f in training_argument_fields()} == names and list(tmp_path.glob("training-arguments-*"))
     assert {"evaluation_strategy", "weight_decay"} <= training_argument_names()
+    memo = next(tmp_path.glob("training-arguments-*"))
+    memo.write_text('[{"name": "weight_decay"}]')  # a memo this version cannot use is read again from transformers
+    assert {f["name"] for f in training_argument_fields()} == names
     parser = argparse.ArgumentParser()
     add_training_arguments(parser, set(FinetuneOptions.model_fields))
     args = parser.parse_args(["--gradient_checkpointing", "--weight_decay", "0.1", "--fsdp_config", '{"a": 1}',

@@ -26,7 +26,8 @@ def training_argument_fields() -> list[dict[str, Any]]:
     which takes JSON or a file path), `help`, and transformers' own argparse `nargs`/`const` where set."""
     memo = cache_root() / f"training-arguments-{version('transformers')}.json"
     fields = read_json(memo)
-    if not (isinstance(fields, list) and all(isinstance(f, dict) and "name" in f for f in fields)):
+    if not (isinstance(fields, list) and all(isinstance(f, dict) and {"name", "kind", "help"} <= f.keys()
+                                             for f in fields)):
         fields = _read_fields()
         try:
             write_json(memo, fields)
