@@ -16,6 +16,7 @@ from slmops.data.collate import Collator, shared_prefix
 from slmops.data.formatting import IGNORE
 from slmops.training.speed.attention import segmented_sdpa, use_segmented_attention
 from slmops.training.speed.fast_lora import use_fast_lora
+from slmops.training.speed.lengths import round_packed_lengths, rounded_length
 from slmops.training.speed.logits import causal_lm_loss, last_mlp, mlp_at_kept_positions
 from slmops.training.speed.memory import keep_freed_memory
 from slmops.training.speed.packing import drops_out, supports_packing
@@ -268,6 +269,33 @@ def test_the_last_mlp_at_kept_positions_only_learns_exactly_the_same(family, tok
     rows.clear()
     model(input_ids=batch["input_ids"])
     assert rows == [batch["input_ids"].shape[1]]
+
+
+def test_rounded_lengths_are_few_per_doubling():
+    assert [rounded_length(n) for n in (1, 16, 17, 255, 256, 257, 350, 2049)] == [16, 16, 32, 256, 256, 272, 352, 2176]
+    assert len({rounded_length(n) for n in range(257, 513)}) == 16
+
+
+def test_a_bf16_packed_batch_rounded_up_learns_the_same(tiny_llama):
+    """On a bf16 CPU model the pack grows by a row of padding that no real row sees: same loss and gradients,
+    and the last MLP still runs at the kept positions only."""
+    import copy
+
+    assert not round_packed_lengths(lora(tiny_llama), 0)  # fp32 matmuls build no kernels: nothing to round
+    plain = lora(tiny_llama).to(torch.bfloat16)
+    rounded = copy.deepcopy(plain)
+    assert mlp_at_kept_positions(plain) and mlp_at_kept_positions(rounded) and round_packed_lengths(rounded, 0)
+    batch = Collator(0, pack=True)(varied_rows())
+    length, kept = batch["input_ids"].shape[1], int(batch["logits_to_keep"].sum())
+    lengths, mlp_rows = [], []
+    rounded.get_input_embeddings().register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
+    last_mlp(rounded).register_forward_pre_hook(lambda m, args: mlp_rows.append(args[0].shape[-2]))
+    loss_plain, grads_plain = loss_and_grads(plain, dict(batch))
+    loss_rounded, grads_rounded = loss_and_grads(rounded, dict(batch))
+    assert lengths == [rounded_length(length)] and rounded_length(length) > length and mlp_rows == [kept]
+    assert loss_rounded == pytest.approx(loss_plain, rel=1e-3)
+    for a, b in zip(grads_plain, grads_rounded):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

@@ -228,9 +228,10 @@ class FinetuneRecipe:
         results = self._results(general)
         write_manifest(work / "manifest.json", "finetune", opts.model_dump(), {
             "model_path": self.model_path, "target_modules": self.targets, "packing": self.batching.packing,
-            "share_prefix": self.batching.shared_prefix, "loss": self.loss_record,
-            "autocast_dtype": str(self.amp).removeprefix("torch."), "autocast_why": self.amp_why, "device": str(self.args.device),
-            "world_size": self.args.world_size, "cpu_threads": self.threads, "eval_metrics": self.eval_metrics,
+            "share_prefix": self.batching.shared_prefix, "rounded_lengths": self.batching.rounded_lengths,
+            "loss": self.loss_record, "autocast_dtype": str(self.amp).removeprefix("torch."),
+            "autocast_why": self.amp_why, "device": str(self.args.device), "world_size": self.args.world_size,
+            "cpu_threads": self.threads, "eval_metrics": self.eval_metrics,
             "training_args": {k: v for k, v in self.args.to_dict().items() if not k.startswith(("hub_", "push_"))},
         }, self.data.stats, results)
         write_report_safely(work, self.out)

@@ -12,6 +12,8 @@ benchmarks call it too, so they measure the product's own step):
 - `logits.mlp_at_kept_positions`: the last layer's MLP only where a logit is read (the collator likewise
   leaves out each row's tokens after its last target).
 - `memory.keep_freed_memory`: no page faults for activations freed and allocated again every step.
+- `lengths.round_packed_lengths`: packed batches rounded up to a few lengths, so that oneDNN builds a CPU's
+  bf16 matmul kernels once per length instead of every step.
 - The adapter layers themselves are made cheaper in `fast_lora`.
 """
 
@@ -26,6 +28,7 @@ from torch import nn
 from slmops.data.collate import Collator
 from slmops.data.pairs import PairCollator
 from slmops.training.speed.attention import attends_row_by_row
+from slmops.training.speed.lengths import round_packed_lengths
 from slmops.training.speed.logits import mlp_at_kept_positions, takes_logits_to_keep
 from slmops.training.speed.packing import drops_out, supports_packing
 
@@ -39,6 +42,7 @@ class Batching:
     packing: bool  # rows end to end, no padding
     kept_logits: bool  # logits only where a label is supervised (and the last MLP only there)
     shared_prefix: bool  # the rows' common opening computed once per batch
+    rounded_lengths: bool = False  # packed lengths rounded up to a few, for the CPU's bf16 matmul kernels
 
 
 def speed_up(model: nn.Module, packing: bool, share_prefix: bool | None, reads_kept_logits: bool, pairs: bool,
@@ -56,4 +60,6 @@ def speed_up(model: nn.Module, packing: bool, share_prefix: bool | None, reads_k
     shared = kept and share and attends_row_by_row(model)
     if kept:
         mlp_at_kept_positions(model)
-    return Batching(Collator(pad_token_id, pack=packed, keep_logits=kept, share_prefix=shared), packed, kept, shared)
+    rounded = kept and round_packed_lengths(model, pad_token_id)
+    return Batching(Collator(pad_token_id, pack=packed, keep_logits=kept, share_prefix=shared), packed, kept, shared,
+                    rounded)
