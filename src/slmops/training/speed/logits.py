@@ -35,6 +35,15 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def kept_positions(kwargs: dict) -> torch.Tensor | None:
+    """A forward call's boolean `logits_to_keep`, as the collator passes it (one flag per input position),
+    or None when the call has none of that kind."""
+    keep, ids = kwargs.get("logits_to_keep"), kwargs.get("input_ids")
+    if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and ids is not None and keep.shape == ids.shape:
+        return keep
+    return None
+
+
 def last_mlp(model: nn.Module) -> nn.Module | None:
     """The dense MLP of the model's last decoder layer, or None (no such layer, or a mixture of experts)."""
     layers = getattr(model.config, "num_hidden_layers", None)
@@ -59,10 +68,8 @@ def mlp_at_kept_positions(model: nn.Module) -> bool:
     kept: list[torch.Tensor | None] = [None]
 
     def remember(module, args, kwargs):
-        keep = kwargs.get("logits_to_keep")
-        ids = kwargs.get("input_ids")
-        kept[0] = keep if (isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and ids is not None
-                           and keep.shape == ids.shape and bool(keep.any())) else None
+        keep = kept_positions(kwargs)
+        kept[0] = keep if keep is not None and bool(keep.any()) else None
 
     def gather(module, args):
         keep = kept[0]
