@@ -85,7 +85,7 @@ def main() -> None:
     seconds["sft_both"] = slmops("finetune", *RUN, "-d", train, "--train_split", f"train[:{both}]",
                                  "--text_template", TEMPLATE, "-o", str(out / "sft-both"))
 
-    from slmops.models.loading import resolve
+    from slmops.models.catalog import resolve
     base, dev = resolve("smollm2-135m-instruct"), read_rows(str(DATA / "dev.jsonl"))
     runs = [("base model", None, None),
             (f"SFT, {a.sft_rows} rows", out / "sft" / "adapter", seconds["sft"]),

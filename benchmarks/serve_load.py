@@ -250,7 +250,7 @@ def main() -> None:
     names = a.servers.split(",")
     lora = {"slmops", "naive", "slmops-bf16"} & set(names)
     if a.model is None and lora:
-        from slmops.models.loading import resolve
+        from slmops.models.catalog import resolve
         a.model = resolve("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         adapters = dict(x.split("=", 1) for x in a.adapters.split(",")) if a.adapters else \

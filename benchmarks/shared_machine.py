@@ -41,7 +41,7 @@ def plain(args: argparse.Namespace, name: str) -> dict:
     from finetune_speed import run_plain
     from step_timing import resolve_model_and_precision
 
-    from slmops.models.loading import resolve
+    from slmops.models.catalog import resolve
 
     model, precision = resolve_model_and_precision(resolve(args.model), "auto")
     out = Path(args.work) / name

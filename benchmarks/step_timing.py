@@ -261,7 +261,7 @@ def profile_section(model_path: str, precision: str, peak: float, data: str) -> 
 def resolve_model_and_precision(model: str | None, precision: str) -> tuple[str, str]:
     """The default model's folder, and "auto" made bf16 where the CPU (or a GPU) has it natively."""
     if model is None:
-        from slmops.models.loading import resolve
+        from slmops.models.catalog import resolve
         model = resolve("smollm2-135m-instruct")
     if precision == "auto":
         from slmops.artifacts.machine import native_bf16

@@ -116,6 +116,19 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_wrong_model_or_data_path_is_refused_before_torch_is_imported(tiny_llama, tmp_path):
+    """A typo costs a fraction of a second, not the ~5 s of importing the trainer first."""
+    probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:]); "
+             "print(code, [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
+    for model, data, said in ((tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
+                              (tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
+        args = ["finetune", "-m", str(model), "-d", str(data), "--text_field", "t", "-o", str(tmp_path / "o")]
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr[-2000:]
+        assert said in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file, tmp_path):
     """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use: neither
     the command nor the Python API shows it."""

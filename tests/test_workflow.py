@@ -10,6 +10,9 @@ import yaml
 
 from conftest import build_model, sentiment_rows, write_jsonl
 from slmops.cli import main
+from slmops.errors import UsageError
+from slmops.workflow.engine import run_workflow
+from slmops.workflow.reading import validate
 
 # SPEC.md's example, verbatim but for the model path and the data file.
 SEED = """
@@ -100,6 +103,19 @@ def chain(model: Path, data: Path, out: Path, **extra) -> dict:
                        "onnx": {"type": "ModelBuilder", "config": {"precision": "fp32", "parity_prompts": 2}},
                        "score": {"type": "Evaluate", "config": {"metrics": ["accuracy"], "max_samples": 8}}},
             "output_dir": str(out), **extra}
+
+
+def test_a_later_pass_with_a_missing_data_file_is_refused_before_the_first_runs(tiny_llama, sentiment_file,
+                                                                                 tmp_path):
+    out = tmp_path / "run"
+    cfg = chain(tiny_llama, sentiment_file, out)
+    cfg["data_configs"].append({"name": "held", "type": "HuggingfaceContainer",
+                                "load_dataset_config": {"data_files": str(tmp_path / "typo.jsonl")},
+                                "pre_process_data_config": cfg["data_configs"][0]["pre_process_data_config"]})
+    cfg["passes"]["score"]["config"]["data_config"] = "held"
+    with pytest.raises(UsageError, match="data file not found: .*typo.jsonl"):
+        run_workflow(validate(cfg))
+    assert not (out / "lora").exists()
 
 
 def ran(out: Path) -> dict[str, bool]:

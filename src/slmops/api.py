@@ -160,8 +160,8 @@ def _answers(source: tuple[str, Path | None, str | None], texts: list[str], opts
 def _chat_prompts(model: str, adapter: Path | None, texts: list[str], trust_remote_code: bool) -> list[str]:
     """Each text as one user turn through the tokenizer's chat template, ready for the assistant's answer.
     A leading BOS the template writes is dropped when the tokenizer adds its own (no doubled BOS)."""
+    from slmops.models.catalog import resolve
     from slmops.models.genai import is_genai_folder
-    from slmops.models.loading import resolve
     from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 
     folder = model if is_genai_folder(model) else tokenizer_folder(adapter, resolve(model))

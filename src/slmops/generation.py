@@ -9,8 +9,9 @@ from transformers import TextStreamer
 
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
+from slmops.models.catalog import resolve
 from slmops.models.genai import GenaiModel, is_genai_folder
-from slmops.models.loading import load_model, resolve
+from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 from slmops.options.generate_options import GenerateOptions
 

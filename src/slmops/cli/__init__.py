@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from typing import Callable
@@ -14,6 +15,8 @@ from typing import Callable
 from slmops.errors import UsageError
 
 LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "critical",
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,12 +60,16 @@ def setup_logging(level: int) -> None:
                         handlers=[_Stderr()])
     logging.getLogger("slmops").setLevel(LOG_LEVELS[level])
     if level > 0:
-        import datasets
-        import transformers
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity(logging.CRITICAL)  # its read errors reach the user as ours
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        # through the variables the libraries read at import, so that a command that fails before it needs
+        # them (a wrong path, a bad option) does not import them (~2 s); datasets' read errors reach the
+        # user as ours
+        os.environ.update(QUIET_LIBRARIES)
+        if "datasets" in sys.modules:  # already imported (the Python API, a test): told directly
+            sys.modules["datasets"].disable_progress_bars()
+            sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.set_verbosity_error()
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
 
 
@@ -103,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_message(err: Exception) -> str | None:
     """The one-line message for failures a user can act on; None means a bug (keep the traceback)."""
-    import torch
-
     if isinstance(err, UsageError):
         return str(err)
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+    torch = sys.modules.get("torch")  # a command that never imported torch cannot have run out of its memory
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
         return ("out of memory; lower --per_device_train_batch_size or --max_seq_len, or add "
                 "--gradient_checkpointing true")
     return None

@@ -13,7 +13,7 @@ from slmops.options.finetune_options import DataOptions
 from slmops.data.preference import WHY, prepare_preferences
 from slmops.data.prepare import PreparedData, prepare_data
 from slmops.data.formatting import IGNORE
-from slmops.models.loading import resolve
+from slmops.models.catalog import resolve
 from slmops.models.tokenizers import load_tokenizer
 
 BAR = 40

@@ -11,12 +11,14 @@ import logging
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from datasets import Dataset, load_dataset
-from datasets.exceptions import DatasetGenerationError
-from pyarrow import ArrowException
 
 from slmops.errors import UsageError, first_line
+
+if TYPE_CHECKING:  # datasets takes ~0.6 s to import: only the commands that load rows pay it
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,10 @@ LOCAL_BUILDERS = ("json", "csv", "parquet")
 def load_split(data_name: str | None, data_files: list[str] | None, split: str,
                subset: str | None = None) -> Dataset:
     """Load one split (`train`, `train[:4096]`, `train[:10%]`) of a hub subset, and refuse an empty one."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
     builder, kwargs = _resolve_source(data_name, data_files)
     if subset:
         kwargs["name"] = subset
@@ -80,19 +86,28 @@ def hold_out(rows: Dataset, fraction: float, seed: int, stratify_values: list | 
     return rows.select(keep), rows.select(sorted(held))
 
 
+def local_files(data_name: str | None, data_files: list[str] | None) -> list[str]:
+    """The local data files a source names, each checked to exist and be readable (none for a hub dataset
+    or a folder of splits). Cheap, so that a command can refuse a wrong path before it loads a model."""
+    if data_name and not data_files and Path(data_name).expanduser().is_dir():
+        return []
+    if data_name and not data_files and (os.path.exists(data_name) or Path(data_name).suffix in BUILDERS):
+        data_files = [data_name]
+    files = [str(Path(f).expanduser()) for f in data_files or []]
+    for f in files:
+        _check_file(f)
+    return files
+
+
 def _resolve_source(data_name: str | None, data_files: list[str] | None) -> tuple[str, dict]:
     if data_name is None and not data_files:
         raise UsageError("no data given: pass --data_name (a hub dataset or a file path) or "
                          "--data_name json|csv|parquet --data_files FILE")
     if data_name and not data_files and Path(data_name).expanduser().is_dir():
         return str(Path(data_name).expanduser()), {}  # a folder of split files (train.jsonl, validation.jsonl, ...)
-    if data_name and not data_files and (os.path.exists(data_name) or Path(data_name).suffix in BUILDERS):
-        data_files = [data_name]
-        data_name = None
-    if data_files:
-        files = [str(Path(f).expanduser()) for f in data_files]
-        for f in files:
-            _check_file(f)
+    files = local_files(data_name, data_files)
+    if files:
+        data_name = None if not data_files else data_name
         suffixes = {Path(f).suffix.lower() for f in files}
         builder = data_name or BUILDERS.get(next(iter(suffixes)), "")
         if builder not in LOCAL_BUILDERS:

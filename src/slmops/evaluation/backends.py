@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from slmops.data.formatting import IGNORE, tokenize
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
+from slmops.models.catalog import resolve
 from slmops.models.genai import GenaiModel, is_genai_folder
-from slmops.models.loading import load_model, resolve
+from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 
 NO_LIMIT = 1 << 30  # evaluation scores the whole text: no --max_seq_len truncation

@@ -30,8 +30,9 @@ from slmops.export.auto_opt import check_target, publish_checked
 from slmops.export.builder import build, lora_kept_float, lora_weights, read_graph
 from slmops.export.source import quantization_aware, run_manifest
 from slmops.models.adapters import adapter_dir, attach_adapter, check_layers
+from slmops.models.catalog import resolve
 from slmops.models.genai import ADAPTER_SUFFIX, GenaiModel
-from slmops.models.loading import load_model, resolve
+from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer
 from slmops.options.export_options import ExtractAdaptersOptions
 

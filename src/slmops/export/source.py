@@ -12,7 +12,8 @@ import torch
 from slmops.artifacts.folders import read_json
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
-from slmops.models.loading import load_model, resolve
+from slmops.models.catalog import resolve
+from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer, tokenizer_folder
 from slmops.options.finetune_options import DataOptions
 

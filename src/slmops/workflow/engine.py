@@ -57,7 +57,9 @@ def run_workflow(wf: Workflow, search_only: bool = False) -> ModelRef:
     model = wf.model
     record = []
     searched = wf.searched_pass()
-    for entry in plan(wf):
+    steps = plan(wf)
+    check_inputs(wf, steps)
+    for entry in steps:
         name, out, owned = entry["name"], Path(entry["folder"]), entry["owned"]
         p = wf.passes[name]
         step = Step(name, entry["type"], p.options, model, out, owned, entry["key"], p.callbacks)
@@ -87,6 +89,22 @@ def run_workflow(wf: Workflow, search_only: bool = False) -> ModelRef:
             "wall_time_s": round(time.perf_counter() - started, 2)})
     log.info("workflow done in %.1f s: %s", time.perf_counter() - started, model.describe())
     return model
+
+
+def check_inputs(wf: Workflow, steps: list[dict[str, Any]]) -> None:
+    """Refuse a wrong model or data path before any pass runs: a pass imports its trainer or exporter
+    (~5 s) before it reads its inputs, and a later pass's typo would otherwise surface only after the
+    earlier passes' work."""
+    from slmops.data.sources import local_files
+    from slmops.models.catalog import resolve
+
+    pending = [s for s in steps if not s["done"]]
+    if pending and pending[0] is steps[0] and not wf.model.onnx:
+        resolve(wf.model.path)
+    for entry in pending:
+        options = wf.passes[entry["name"]].options
+        if getattr(options, "data_name", None) or getattr(options, "data_files", None):
+            local_files(options.data_name, options.data_files)
 
 
 def _main_process() -> bool:
@@ -126,7 +144,7 @@ def _data_digests(options: Any) -> list[str]:
 
 def input_key(wf: Workflow) -> str:
     """The content of the workflow's input model (and adapter): files hashed, hub ids by name."""
-    from slmops.models.loading import resolve
+    from slmops.models.catalog import resolve
 
     parts = []
     for given in (wf.model.path, wf.model.adapter):
