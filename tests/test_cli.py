@@ -120,22 +120,39 @@ def test_a_wrong_model_or_data_path_is_refused_before_torch_is_imported(tiny_lla
     """A typo costs a fraction of a second, not the ~5 s of importing the trainer first."""
     probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:]); "
              "print(code, [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
-    for model, data, said in ((tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
-                              (tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
-        args = ["finetune", "-m", str(model), "-d", str(data), "--text_field", "t", "-o", str(tmp_path / "o")]
+    for command, model, data, said in (
+            ("finetune", tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
+            ("finetune", tiny_llama, tmp_path / "missing.jsonl", "data file not found"),
+            ("evaluate", tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
+            ("evaluate", tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
+        args = [command, "-m", str(model), "-d", str(data), "--text_field", "t", "-o", str(tmp_path / "o")]
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr[-2000:]
         assert said in result.stderr
     assert not (tmp_path / "o").exists()
 
 
+def test_a_data_folder_with_a_plain_readme_trains_without_hub_warnings(tiny_llama, sentiment_file, tmp_path, capsys):
+    """datasets reads a folder's README.md as a dataset card, and the hub warns when it has no metadata."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(sentiment_file.read_text())
+    (folder / "README.md").write_text("# Reviews\n\nSentences and their tone.\n")
+    assert main(["finetune", "-m", str(tiny_llama), "--data_name", str(folder), "--text_template", TEMPLATE,
+                 "--max_steps", "1", "--report_to", "none", "-o", str(tmp_path / "run")]) == 0
+    assert "metadata" not in capsys.readouterr().err
+
+
 def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file, tmp_path):
     """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use: neither
-    the command nor the Python API shows it."""
-    result = subprocess.run([sys.executable, "-m", "slmops", "finetune", "-m", str(tiny_llama), "-d",
+    the command nor the Python API shows it, and the command, one process with no 4-bit base, skips it."""
+    probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:]); "
+             "print(code, sys.modules.get('bitsandbytes') is not None)")
+    result = subprocess.run([sys.executable, "-c", probe, "finetune", "-m", str(tiny_llama), "-d",
                              str(sentiment_file), "--text_template", TEMPLATE, "--max_steps", "1",
                              "--report_to", "none", "-o", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "0 False"  # the command does not even import it (~1 s)
     api = (f"import slmops; slmops.finetune(model_name_or_path={str(tiny_llama)!r}, data_name={str(sentiment_file)!r}, "
            f"text_template={TEMPLATE!r}, max_steps=1, output_path={str(tmp_path / 'api')!r})")
     result = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)

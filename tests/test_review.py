@@ -26,7 +26,7 @@ import pytest
 
 from conftest import build_model, make_adapter
 from slmops.cli import main
-from slmops.evaluation.backends import model_and_adapter, split_spec
+from slmops.models.adapters import model_and_adapter, split_spec
 from slmops.review import tally
 from slmops.review.collect import items_of
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from slmops.errors import UsageError
-from slmops.models.adapters import adapter_dir, base_model_of
+from slmops.models.adapters import adapter_dir, base_model_of, locate, split_spec
 from slmops.options.evaluate_options import EvaluateOptions
 from slmops.options.export_options import ExportOptions, ExtractAdaptersOptions, QuantizeOptions
 from slmops.options.finetune_options import FinetuneOptions
@@ -70,9 +70,13 @@ def _one_pass(name: str, pass_type: str, opts: Any, model: ModelRef, save_config
 def evaluate(model_name_or_path: str | None = None, adapter_path: str | None = None, *, progress: bool = True,
              **options: Any) -> dict[str, Any]:
     """Metrics of a model (plus adapter) on one split; writes them when `output_path` is given."""
-    from slmops.evaluation.scoring import evaluate_and_save
+    from slmops.data.sources import local_files
 
     opts = EvaluateOptions.build(model_name_or_path=model_name_or_path, adapter_path=adapter_path, **options)
+    locate(opts.model_name_or_path, opts.adapter_path)  # a wrong path is refused before torch is imported
+    local_files(opts.data_name, opts.data_files)
+    from slmops.evaluation.scoring import evaluate_and_save
+
     return evaluate_and_save(opts, progress)
 
 
@@ -118,7 +122,6 @@ def prepare_review(opts: ReviewOptions) -> Path:
     """Continue the review in --output_path, or make it: read the prompts, name the models, generate what the
     prompts file does not already answer, write the folder. Returns the folder."""
     from slmops.artifacts.folders import refuse_existing
-    from slmops.evaluation.backends import locate, split_spec
     from slmops.review.collect import check_continues, create, is_review, name_models, read_prompts
 
     out = Path(opts.output_path or f"reviews/{Path(opts.prompts or '').stem}").expanduser()

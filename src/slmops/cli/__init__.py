@@ -16,7 +16,8 @@ from slmops.errors import UsageError
 
 LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.CRITICAL}
 QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "critical",
-                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "HF_HUB_VERBOSITY": "error"}  # the hub warns that a data folder's README has no metadata
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,6 +68,7 @@ def setup_logging(level: int) -> None:
         if "datasets" in sys.modules:  # already imported (the Python API, a test): told directly
             sys.modules["datasets"].disable_progress_bars()
             sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.set_verbosity_error()
             sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 def handle(args: argparse.Namespace) -> int:
     from slmops.api import evaluate
-    from slmops.evaluation.backends import split_spec
+    from slmops.models.adapters import split_spec
 
     options = given(args, "compare")
     progress = args.log_level < 2

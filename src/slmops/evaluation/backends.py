@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from slmops.data.formatting import IGNORE, tokenize
 from slmops.errors import UsageError
-from slmops.models.adapters import adapter_dir, attach_adapter, base_model_of
+from slmops.models.adapters import attach_adapter
 from slmops.models.catalog import resolve
 from slmops.models.genai import GenaiModel, is_genai_folder
 from slmops.models.loading import load_model
@@ -58,50 +58,12 @@ class Backend(Protocol):
         ...
 
 
-def split_spec(item: str) -> tuple[str | None, str | None]:
-    """A --compare item: MODEL, MODEL@ADAPTER or @ADAPTER (a path containing @ that exists is a model)."""
-    if "@" not in item or Path(item).expanduser().exists():
-        return item, None
-    model, _, adapter = item.rpartition("@")
-    return model or None, adapter
-
-
-def model_and_adapter(model_name_or_path: str | None, adapter_path: str | None) -> tuple[str, Path | None, str | None]:
-    """What `-m` and `--adapter_path` name: the model, its PEFT adapter folder (a finetune output folder's
-    adapter/), or for an exported folder the name of one of its adapters; no `-m`: the adapter's base. `-m`
-    alone may be an adapter folder, or a finetune output folder holding one: its base plus that adapter."""
-    onnx = model_name_or_path is not None and is_genai_folder(model_name_or_path)
-    run = Path(model_name_or_path or "").expanduser()
-    if model_name_or_path and adapter_path is None and not onnx and run.is_dir() and \
-            any((run / sub / "adapter_config.json").is_file() for sub in ("", "adapter")) and \
-            not any((run / sub / "config.json").exists() for sub in ("", "model")):
-        model_name_or_path, adapter_path = None, model_name_or_path  # an adapter (or its run folder): base + it
-    adapter = adapter_dir(adapter_path) if adapter_path and not onnx else None
-    if model_name_or_path is None:
-        if adapter is None:
-            raise UsageError("pass --model_name_or_path, or --adapter_path to use the adapter's base model")
-        model_name_or_path = base_model_of(adapter)
-    return model_name_or_path, adapter, adapter_path if onnx else None
-
-
-def locate(model_name_or_path: str | None, adapter_path: str | None) -> tuple[str, Path | None, str | None]:
-    """`model_and_adapter`, with a model path that cannot be had refused now, before any model loads."""
-    model, adapter, onnx_adapter = model_and_adapter(model_name_or_path, adapter_path)
-    if not is_genai_folder(model):
-        resolve(model)
-    return model, adapter, onnx_adapter
-
-
 def load_backend(model_name_or_path: str, adapter: Path | None = None, trust_remote_code: bool = False,
                  onnx_adapter: str | None = None, cuda: bool | None = None) -> Backend:
     """The backend for a model: an ONNX Runtime GenAI folder (with `onnx_adapter` naming one of its
     adapters) or anything transformers loads (with a PEFT `adapter` folder; `cuda` None: where present)."""
     if is_genai_folder(model_name_or_path):
         return OnnxBackend(model_name_or_path, onnx_adapter)
-    folder = Path(model_name_or_path).expanduser()
-    if folder.is_dir() and any(folder.glob("*.onnx")):
-        raise UsageError(f"not an ONNX Runtime GenAI folder: {model_name_or_path} holds .onnx files but no "
-                         f"genai_config.json; export one with `slmops auto-opt`")
     return TorchBackend.load(model_name_or_path, adapter, trust_remote_code, cuda)
 
 

@@ -26,7 +26,8 @@ from slmops.artifacts.folders import publish, work_dir, write_json
 from slmops.artifacts.report import write_report
 from slmops.artifacts.manifest import write_manifest
 from slmops.errors import UsageError, first_line
-from slmops.evaluation.backends import Backend, load_backend, locate, model_and_adapter, split_spec
+from slmops.evaluation.backends import Backend, load_backend
+from slmops.models.adapters import locate, model_and_adapter, split_spec
 from slmops.models.genai import is_genai_folder
 from slmops.options.benchmark_options import BenchmarkOptions
 

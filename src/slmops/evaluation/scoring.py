@@ -25,7 +25,8 @@ from slmops.data.prepare import MAX_STRATIFY_CLASSES, drop_empty
 from slmops.data.sources import load_split
 from slmops.errors import UsageError
 from slmops.evaluation import metrics as M
-from slmops.evaluation.backends import Backend, load_backend, model_and_adapter
+from slmops.evaluation.backends import Backend, load_backend
+from slmops.models.adapters import model_and_adapter
 from slmops.options.evaluate_options import EvaluateOptions
 
 NEEDS_RESPONSE = ("accuracy", "f1", "exact_match", "perplexity", "bleu", "rouge")

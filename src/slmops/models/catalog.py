@@ -53,6 +53,9 @@ def resolve(name: str) -> str:
     if path.is_dir():
         if (path / "model" / "config.json").exists() and not (path / "config.json").exists():
             return str(path / "model")  # a slmops output folder written with --merge or method full
+        if not (path / "config.json").exists() and any(path.glob("*.onnx")):
+            raise UsageError(f"not an ONNX Runtime GenAI folder: {name} holds .onnx files but no "
+                             f"genai_config.json; export one with `slmops auto-opt`")
         if not (path / "config.json").exists():
             raise UsageError(f"{name} has no config.json, so it is not a Hugging Face model folder; point "
                              f"--model_name_or_path at the folder that holds config.json")

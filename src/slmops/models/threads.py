@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import psutil
-import torch
 
 BUSY = 50.0  # percent: a core this busy with other work is taken
 
@@ -47,6 +46,8 @@ def free_threads(requested: int | None = None) -> dict[str, Any]:
 
 def choose_threads(requested: int | None) -> dict[str, Any]:
     """`free_threads`, set as torch's thread count."""
+    import torch  # here, not above: ONNX Runtime's users of `free_threads` need no torch
+
     chosen = free_threads(requested)
     torch.set_num_threads(chosen["threads"])
     return chosen
@@ -80,6 +81,8 @@ class LoadWatch:
         if now - self.last < self.every_s:
             return None
         self.last = now
+        import torch
+
         threads = max(1, min(self.cap, len(allowed_cores()) - round(self.others_busy())))
         if threads == torch.get_num_threads():
             return None

@@ -237,10 +237,10 @@ class FinetuneRecipe:
         }, self.data.stats, results)
         write_report_safely(work, self.out)
         publish(work, self.out)
-        changes = "; ".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}"
-                            for k, v in results["eval_before"].items() if results.get(k) is not None)
+        changes = "".join(f"{k.removeprefix('eval_')} {v:.4f} -> {results[k]:.4f}; "
+                          for k, v in results["eval_before"].items() if results.get(k) is not None)
         speed = f"{results['tokens_per_second']:.0f} tokens/s, " if results["tokens_per_second"] else ""
-        log.info("train loss %.4f; %s; %s%.0f s; wrote %s", results["train_loss"], changes, speed,
+        log.info("train loss %.4f; %s%s%.0f s; wrote %s", results["train_loss"], changes, speed,
                  results["wall_time_s"], self.out)
         return self.out
 
