@@ -1,5 +1,3 @@
-import sys
+from slmops.cli import entry
 
-from slmops.cli import main
-
-sys.exit(main())
+entry()

@@ -99,8 +99,9 @@ def check_inputs(wf: Workflow, steps: list[dict[str, Any]]) -> None:
     from slmops.models.catalog import resolve
 
     pending = [s for s in steps if not s["done"]]
-    if pending and pending[0] is steps[0] and not wf.model.onnx:
-        resolve(wf.model.path)
+    if pending and pending[0] is steps[0] and not Path(wf.model.path).expanduser().exists():
+        resolve(wf.model.path)  # a missing path is refused (an existing folder is the pass's to read: it may
+        # be a finetune output folder, an ONNX export), an alias fetched, a hub id left to the pass
     for entry in pending:
         options = wf.passes[entry["name"]].options
         if getattr(options, "data_name", None) or getattr(options, "data_files", None):
