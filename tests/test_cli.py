@@ -129,6 +129,10 @@ def test_a_wrong_model_or_data_path_is_refused_before_torch_is_imported(tiny_lla
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr[-2000:]
         assert said in result.stderr
+    for command in ("auto-opt", "quantize"):
+        result = subprocess.run([sys.executable, "-c", probe, command, "-m", str(tmp_path / "missing"), "-o",
+                                 str(tmp_path / "o")], capture_output=True, text=True)
+        assert result.stdout.split("\n")[0] == "2 []" and "model path not found" in result.stderr, result.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -13,7 +13,7 @@ from test_cli import fails_cleanly
 from slmops.cli import main
 from slmops.export import parity
 from slmops import auto_opt
-from slmops.export.auto_opt import ParityError
+from slmops.errors import ParityError
 from slmops.models.genai import GenaiModel
 from slmops.models.loading import load_model
 from slmops.models.tokenizers import load_tokenizer

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 def handle(args: argparse.Namespace) -> int:
     import slmops.api
-    from slmops.export.auto_opt import ParityError
+    from slmops.errors import ParityError
 
     export = getattr(slmops.api, COMMANDS[args.command][1])
     try:

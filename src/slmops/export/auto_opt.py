@@ -13,7 +13,7 @@ import torch
 
 from slmops.artifacts.folders import folder_mb, publish, refuse_existing, work_dir
 from slmops.artifacts.manifest import write_manifest
-from slmops.errors import UsageError, first_line
+from slmops.errors import ParityError, UsageError, first_line
 from slmops.export import calibrated, parity, torch_onnx
 from slmops.export.builder import UnsupportedArchitecture, build, check_provider, lora_kept_float
 from slmops.export.source import Source, find_source, load_reference, run_data, save_for_builder, trained_for
@@ -22,10 +22,6 @@ from slmops.options.export_options import CALIBRATED, ExportOptions, Target
 from slmops.options.finetune_options import DataOptions
 
 log = logging.getLogger(__name__)
-
-
-class ParityError(Exception):
-    """The export ran but does not answer like the PyTorch model; the folder is kept as OUT.failed."""
 
 
 def check_target(opts: Target) -> tuple[Path, str]:
