@@ -150,13 +150,13 @@ def test_a_data_folder_with_a_plain_readme_trains_without_hub_warnings(tiny_llam
 def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file, tmp_path):
     """peft imports bitsandbytes, whose CPU build warns at import about a kernel only QLoRA would use: neither
     the command nor the Python API shows it, and the command, one process with no 4-bit base, skips it."""
-    probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:]); "
+    probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:], whole_process=True); "
              "print(code, sys.modules.get('bitsandbytes') is not None)")
     result = subprocess.run([sys.executable, "-c", probe, "finetune", "-m", str(tiny_llama), "-d",
                              str(sentiment_file), "--text_template", TEMPLATE, "--max_steps", "1",
                              "--report_to", "none", "-o", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == "0 False"  # the command does not even import it (~1 s)
+    assert result.stdout.splitlines()[-1] == "0 False"  # the executable does not even import it (~1 s)
     api = (f"import slmops; slmops.finetune(model_name_or_path={str(tiny_llama)!r}, data_name={str(sentiment_file)!r}, "
            f"text_template={TEMPLATE!r}, max_steps=1, output_path={str(tmp_path / 'api')!r})")
     result = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)

@@ -88,7 +88,9 @@ def build_parser(chosen: str | None = None) -> tuple[Parser, dict[str, Callable[
     return parser, handlers
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
+    """One command. `whole_process`: the command is all this process will run (the executable), so what
+    it cannot use may be left out of the process."""
     argv = sys.argv[1:] if argv is None else argv
     parser, handlers = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a bad flag already reported in one line
         return int(exit_.code or 0)
     setup_logging(args.log_level)
+    if whole_process and not _may_train_4bit(args):
+        # peft imports bitsandbytes wherever it is installed (~1 s, and a warning about a CPU kernel only
+        # QLoRA could use); hidden from a process that will load no 4-bit base
+        sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
     try:
         return handlers[args.command](args)
     except Exception as err:
@@ -115,10 +121,20 @@ def entry() -> None:
     """The `slmops` executable: `main`, then exit without the interpreter's last garbage collection, which
     walks every object torch, transformers and peft created at import (~1 s after each command). Objects
     are still freed as their last reference goes; only cycles are left to the operating system."""
-    code = main()
+    code = main(whole_process=True)
     gc.disable()
     gc.freeze()
     sys.exit(code)
+
+
+def _may_train_4bit(args: argparse.Namespace) -> bool:
+    """QLoRA: `finetune --method qlora`, or a workflow, whose passes are read later."""
+    if args.command != "finetune":
+        return args.command in ("run", "search")
+    from slmops.options.finetune_options import FinetuneOptions
+    from slmops.options.methods import METHODS
+
+    return METHODS[vars(args).get("method", FinetuneOptions.model_fields["method"].default)].quantized
 
 
 def _user_message(err: Exception) -> str | None:

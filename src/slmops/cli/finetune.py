@@ -26,12 +26,6 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 def handle(args: argparse.Namespace) -> int:
     from slmops.api import finetune
     from slmops.errors import Interrupted
-    from slmops.options.methods import METHODS
-
-    if not METHODS[vars(args).get("method", FinetuneOptions.model_fields["method"].default)].quantized:
-        # a command is one process, and this one loads no 4-bit base: bitsandbytes is hidden from peft, which
-        # imports it wherever it is installed (~1 s, and a warning about a kernel only QLoRA could use)
-        sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
 
     try:
         out = finetune(save_config_file=args.save_config_file, **given(args))
