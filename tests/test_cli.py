@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -157,6 +158,16 @@ def test_a_lora_run_prints_nothing_about_4bit_kernels(tiny_llama, sentiment_file
                              "--report_to", "none", "-o", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 0 and "bitsandbytes" not in result.stderr, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "0 False"  # the executable does not even import it (~1 s)
+    saved_in_4bit = tmp_path / "bnb-model"  # a folder saved in 4 bits needs bitsandbytes to load: not hidden
+    saved_in_4bit.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (saved_in_4bit / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    hidden = ("import sys; from slmops.cli import main; main(sys.argv[1:], whole_process=True); "
+              "print('bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is None)")
+    result = subprocess.run([sys.executable, "-c", hidden, "finetune", "-m", str(saved_in_4bit), "-d",
+                             str(sentiment_file), "--text_template", TEMPLATE, "-o", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "False", result.stderr[-2000:]
     api = (f"import slmops; slmops.finetune(model_name_or_path={str(tiny_llama)!r}, data_name={str(sentiment_file)!r}, "
            f"text_template={TEMPLATE!r}, max_steps=1, output_path={str(tmp_path / 'api')!r})")
     result = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True)

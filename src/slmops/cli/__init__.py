@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from slmops.errors import UsageError
@@ -98,9 +100,9 @@ def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
     except SystemExit as exit_:  # --help, or a bad flag already reported in one line
         return int(exit_.code or 0)
     setup_logging(args.log_level)
-    if whole_process and not _may_train_4bit(args):
+    if whole_process and not _may_need_bitsandbytes(args):
         # peft imports bitsandbytes wherever it is installed (~1 s, and a warning about a CPU kernel only
-        # QLoRA could use); hidden from a process that will load no 4-bit base
+        # QLoRA could use); hidden from a process that will load no 4- or 8-bit model
         sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
     try:
         return handlers[args.command](args)
@@ -127,14 +129,25 @@ def entry() -> None:
     sys.exit(code)
 
 
-def _may_train_4bit(args: argparse.Namespace) -> bool:
-    """QLoRA: `finetune --method qlora`, or a workflow, whose passes are read later."""
-    if args.command != "finetune":
-        return args.command in ("run", "search")
+def _may_need_bitsandbytes(args: argparse.Namespace) -> bool:
+    """False only where it is certain: `finetune` with a method that does not quantize (not qlora) of a
+    catalogue model or a local folder whose config.json names no quantization (a hub model or a folder
+    saved in 4 or 8 bits needs bitsandbytes to load)."""
+    from slmops.models import catalog
     from slmops.options.finetune_options import FinetuneOptions
     from slmops.options.methods import METHODS
 
-    return METHODS[vars(args).get("method", FinetuneOptions.model_fields["method"].default)].quantized
+    options = vars(args)
+    if args.command != "finetune" or \
+            METHODS[options.get("method", FinetuneOptions.model_fields["method"].default)].quantized:
+        return True
+    model = options.get("model_name_or_path") or ""
+    if catalog.is_alias(model):
+        return False
+    try:
+        return "quantization_config" in json.loads((Path(model).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):  # a hub id, or no readable config: the command says what is wrong
+        return True
 
 
 def _user_message(err: Exception) -> str | None:
