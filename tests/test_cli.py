@@ -130,6 +130,11 @@ def test_a_wrong_model_or_data_path_is_refused_before_torch_is_imported(tiny_lla
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
         assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr[-2000:]
         assert said in result.stderr
+    for model, data, said in ((tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
+                              (tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
+        args = ["data", "check", "-m", str(model), "-d", str(data), "--text_field", "t"]
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert result.stdout.split("\n")[0] == "2 []" and said in result.stderr, result.stderr
     for command in ("auto-opt", "quantize"):
         result = subprocess.run([sys.executable, "-c", probe, command, "-m", str(tmp_path / "missing"), "-o",
                                  str(tmp_path / "o")], capture_output=True, text=True)

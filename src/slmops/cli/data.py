@@ -22,7 +22,13 @@ def register(sub: argparse._SubParsersAction, full: bool = True) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from slmops.data.sources import local_files
+    from slmops.models.catalog import resolve
+
+    options = DataOptions.build(**given(args))
+    resolve(options.model_name_or_path)  # wrong paths are refused before the tokenizer and datasets load
+    local_files(options.data_name, options.data_files)
     from slmops.data.doctor import check
 
-    print(check(DataOptions.build(**given(args))))
+    print(check(options))
     return 0
