@@ -121,24 +121,18 @@ def test_a_wrong_model_or_data_path_is_refused_before_torch_is_imported(tiny_lla
     """A typo costs a fraction of a second, not the ~5 s of importing the trainer first."""
     probe = ("import sys; from slmops.cli import main; code = main(sys.argv[1:]); "
              "print(code, [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
-    for command, model, data, said in (
-            ("finetune", tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
-            ("finetune", tiny_llama, tmp_path / "missing.jsonl", "data file not found"),
-            ("evaluate", tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
-            ("evaluate", tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
-        args = [command, "-m", str(model), "-d", str(data), "--text_field", "t", "-o", str(tmp_path / "o")]
-        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
-        assert result.stdout.split("\n")[0] == "2 []", result.stdout + result.stderr[-2000:]
-        assert said in result.stderr
+    out = str(tmp_path / "o")
+    cases = []
     for model, data, said in ((tmp_path / "missing", tmp_path / "x.jsonl", "model path not found"),
                               (tiny_llama, tmp_path / "missing.jsonl", "data file not found")):
-        args = ["data", "check", "-m", str(model), "-d", str(data), "--text_field", "t"]
+        given = ["-m", str(model), "-d", str(data), "--text_field", "t"]
+        cases += [(["finetune", *given, "-o", out], said), (["evaluate", *given, "-o", out], said),
+                  (["data", "check", *given], said)]
+    cases += [([command, "-m", str(tmp_path / "missing"), "-o", out], "model path not found")
+              for command in ("auto-opt", "quantize")]
+    for args, said in cases:
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
-        assert result.stdout.split("\n")[0] == "2 []" and said in result.stderr, result.stderr
-    for command in ("auto-opt", "quantize"):
-        result = subprocess.run([sys.executable, "-c", probe, command, "-m", str(tmp_path / "missing"), "-o",
-                                 str(tmp_path / "o")], capture_output=True, text=True)
-        assert result.stdout.split("\n")[0] == "2 []" and "model path not found" in result.stderr, result.stderr
+        assert result.stdout.split("\n")[0] == "2 []" and said in result.stderr, (args, result.stderr[-2000:])
     assert not (tmp_path / "o").exists()
 
 
